@@ -1,0 +1,45 @@
+# The README's commands. Everything runs in .venv, created on first use with the exact pins of constraints.txt.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Tests, the demo and benchmarks read datasets from the offline mirror beside the project when there is one.
+MIRROR := $(abspath ../shared/datasets)
+ifneq ($(wildcard $(MIRROR)),)
+export TINYLM_DATASETS_MIRROR ?= $(MIRROR)
+endif
+
+.PHONY: setup demo test lint bench gpu-check clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/tinylm train configs/shakespeare-char.yaml --out out/shakespeare-char --overwrite
+	$(BIN)/tinylm eval out/shakespeare-char
+	$(BIN)/tinylm generate out/shakespeare-char --prompt "ROMEO:" --max-new-tokens 300
+
+test: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests bench
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+bench: setup
+	$(BIN)/python bench/shakespeare_char.py --repeats 2
+
+gpu-check: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) out build *.egg-info src/*.egg-info

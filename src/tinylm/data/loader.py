@@ -1,0 +1,39 @@
+"""Token files read through memory maps, cut into (input, target) windows for training and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class TokenShards:
+    """The token files of one split as one dataset. No window ever crosses the end of a file."""
+
+    def __init__(self, paths: list[Path], dtype: np.dtype):
+        self.shards = [np.memmap(p, dtype=dtype, mode="r") for p in paths]
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+    def sample_batch(self, batch_size: int, block_size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """`batch_size` windows at uniformly random positions: inputs (B, T) and the same shifted by one (B, T)."""
+        starts_per_shard = np.array([max(len(s) - block_size, 0) for s in self.shards])
+        if starts_per_shard.sum() == 0:
+            raise ValueError(f"no file holds {block_size + 1} tokens")
+        starts = torch.randint(int(starts_per_shard.sum()), (batch_size,), generator=generator).numpy()
+        shard_of = np.searchsorted(np.cumsum(starts_per_shard), starts, side="right")
+        offsets = starts - np.concatenate([[0], np.cumsum(starts_per_shard)])[shard_of]
+        span = np.arange(block_size + 1)
+        windows = np.stack([self.shards[s][o + span] for s, o in zip(shard_of, offsets)]).astype(np.int64)
+        windows = torch.from_numpy(windows)
+        return windows[:, :-1], windows[:, 1:]
+
+    def sequential_windows(self, block_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every token of every file predicted exactly once, in order, in windows of at most `block_size`."""
+        for shard in self.shards:
+            for start in range(0, len(shard) - 1, block_size):
+                window = torch.from_numpy(shard[start : start + block_size + 1].astype(np.int64))
+                yield window[:-1], window[1:]

@@ -1,0 +1,47 @@
+"""Sampling text from a language model, one token at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def sample_next_token(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token id per row of `logits` (B, vocab). Temperature 0 is greedy; top-k keeps only the k likeliest."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: nn.Module,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+) -> Iterator[int]:
+    """Yield new token ids as they are sampled. The model sees at most its last `block_size` tokens."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    tokens = torch.tensor([prompt], dtype=torch.long, device=device)
+    block_size = model.config.block_size
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            logits, _ = model(tokens[:, -block_size:])
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, generator)
+            tokens = torch.cat([tokens, next_token], dim=1)
+            yield int(next_token)
+    finally:
+        model.train(was_training)

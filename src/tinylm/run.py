@@ -1,0 +1,88 @@
+"""A finished (or running) training run, loaded from its folder: config, tokenizer and best weights together."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from torch import nn
+
+from tinylm.config import Config, resolve_config
+from tinylm.data.prepare import prepare
+from tinylm.device import resolve_device
+from tinylm.errors import TinylmError
+from tinylm.evaluate import EvalResult, evaluate
+from tinylm.generate import generate_tokens
+from tinylm.model import build_model
+from tinylm.tokenizers import Tokenizer, load_tokenizer
+from tinylm.train.checkpoint import BEST_WEIGHTS, load_weights
+from tinylm.train.trainer import CONFIG_FILE
+
+
+@dataclass
+class Run:
+    path: Path
+    config: Config
+    tokenizer: Tokenizer
+    model: nn.Module
+
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Yield the continuation of `prompt` piece by piece; unset options come from the run's `sample` config."""
+        s = self.config.sample
+        max_new_tokens = s.max_new_tokens if max_new_tokens is None else max_new_tokens
+        temperature = s.temperature if temperature is None else temperature
+        top_k = s.top_k if top_k is None else top_k
+        if max_new_tokens < 0:
+            raise TinylmError(f"max_new_tokens must be 0 or more, not {max_new_tokens}")
+        if temperature < 0:
+            raise TinylmError(f"temperature must be 0 or more, not {temperature}")
+        if top_k is not None and top_k < 1:
+            raise TinylmError(f"top_k must be at least 1, not {top_k}")
+        try:
+            prompt_ids = self.tokenizer.encode(prompt)
+        except TinylmError as error:
+            raise TinylmError(f"prompt: {error}") from None
+        if not prompt_ids:
+            raise TinylmError("the prompt is empty; give at least one character, e.g. --prompt $'\\n'")
+        seed = s.seed if seed is None else seed
+        for token in generate_tokens(self.model, prompt_ids, max_new_tokens, temperature, top_k, seed):
+            yield self.tokenizer.decode([token])
+
+    def generate(self, prompt: str, **options) -> str:
+        """The prompt followed by its sampled continuation (options as for `stream`)."""
+        return prompt + "".join(self.stream(prompt, **options))
+
+    def evaluate(self, split: str = "val") -> EvalResult:
+        """Loss, perplexity and bits per byte over the whole split of the run's dataset."""
+        data = prepare(self.config.data)
+        if data.tokenizer.fingerprint() != self.tokenizer.fingerprint():
+            raise TinylmError(
+                f"the data in {data.folder} was tokenized differently from this run's tokenizer; "
+                "delete that folder so it is prepared again"
+            )
+        return evaluate(self.model, data.split(split), self.tokenizer.token_byte_lengths())
+
+
+def load(path: str | Path, device: str = "auto") -> Run:
+    """Load a run folder written by `tinylm train` for generation and evaluation."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file() or not (path / BEST_WEIGHTS).is_file():
+        raise TinylmError(
+            f"{path} is not a tinylm run folder (it needs {CONFIG_FILE} and {BEST_WEIGHTS}); "
+            "give the --out folder of a finished `tinylm train`"
+        )
+    config = resolve_config(yaml.safe_load((path / CONFIG_FILE).read_text()))
+    tokenizer = load_tokenizer(path)
+    model = build_model(config.model).to(resolve_device(device))
+    load_weights(model, path / BEST_WEIGHTS)
+    model.eval()
+    return Run(path, config, tokenizer, model)

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tinylm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MIRROR = REPO.parent / "shared" / "datasets"
+
+# A few lines of text every character-level test can train on in seconds.
+SMALL_TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+    "All:\nResolved. resolved.\n\nFirst Citizen:\nFirst, you know Caius Marcius is chief enemy to the people.\n"
+) * 8
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own empty cache; the offline mirror beside the project stands in for the network."""
+    monkeypatch.setenv("TINYLM_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("TINYLM_OFFLINE", "1")
+    if SHARED_MIRROR.is_dir():
+        monkeypatch.setenv("TINYLM_DATASETS_MIRROR", str(SHARED_MIRROR))
+    else:
+        monkeypatch.delenv("TINYLM_DATASETS_MIRROR", raising=False)
+
+
+@pytest.fixture
+def needs_mirror():
+    if not SHARED_MIRROR.is_dir():
+        pytest.skip("the offline dataset mirror ../shared/datasets is not beside the project")
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "small.txt"
+    path.write_text(SMALL_TEXT)
+    return path
+
+
+def tiny_overrides(text_file: Path, out: Path, **extra) -> dict:
+    """A model and schedule small enough to train in a second or two."""
+    return {
+        "data.source": str(text_file),
+        "model.block_size": 32,
+        "model.n_layer": 2,
+        "model.n_head": 2,
+        "model.n_embd": 32,
+        "train.max_steps": 20,
+        "train.batch_size": 8,
+        "train.eval_interval": 10,
+        "train.eval_batches": 2,
+        "train.warmup_steps": 2,
+        "train.log_interval": 5,
+        "sample.max_new_tokens": 20,
+        "out": str(out),
+        **extra,
+    }
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from conftest import SMALL_TEXT, tiny_overrides
+
+import tinylm
+from tinylm.errors import TinylmError
+from tinylm.train.checkpoint import latest_checkpoint
+from tinylm.train.optim import learning_rate_at
+
+VOCAB_SIZE = len(set(SMALL_TEXT)) + 1  # every character of the text, then <|endoftext|>
+
+
+def train_tiny(text_file, out, **extra) -> tinylm.TrainResult:
+    return tinylm.train(tinylm.load_config(None, tiny_overrides(text_file, out, **extra)))
+
+
+def test_a_run_folder_has_everything_to_use_the_run_later(text_file, tmp_path):
+    result = train_tiny(text_file, tmp_path / "run")
+    run_dir = result.run_dir
+    for name in ("config.yaml", "tinylm_tokenizer.json", "model.safetensors", "metrics.jsonl", "samples.txt"):
+        assert (run_dir / name).is_file(), name
+    assert latest_checkpoint(run_dir).name == "step-0000020"
+    assert {p.name for p in latest_checkpoint(run_dir).iterdir()} == {"model.safetensors", "trainer.pt", "state.json"}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [10, 20]
+    assert all({"loss", "lr", "tokens_per_s"} <= r.keys() for r in records if "val_loss" not in r)
+    assert result.best_val_loss == min(r["val_loss"] for r in records if "val_loss" in r)
+    assert tinylm.load(run_dir).config.model.vocab_size == VOCAB_SIZE
+
+
+def test_training_lowers_the_loss(text_file, tmp_path):
+    result = train_tiny(
+        text_file, tmp_path / "run", **{"train.max_steps": 100, "train.eval_interval": 100, "train.learning_rate": 1e-2}
+    )
+    assert result.best_val_loss < 1.5 < math.log(VOCAB_SIZE)
+
+
+def test_the_same_seed_trains_the_same_weights(text_file, tmp_path):
+    first = train_tiny(text_file, tmp_path / "a")
+    second = train_tiny(text_file, tmp_path / "b")
+    a, b = tinylm.load(first.run_dir).model, tinylm.load(second.run_dir).model
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert first.sample == second.sample
+
+
+def test_save_then_load_gives_identical_logits(text_file, tmp_path):
+    result = train_tiny(text_file, tmp_path / "run", **{"train.eval_interval": 20})
+    run = tinylm.load(result.run_dir)
+    tokens = torch.tensor([run.tokenizer.encode("First Citizen:\nBefore we")])
+    reloaded = tinylm.load(result.run_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(run.model(tokens)[0], reloaded.model(tokens)[0], rtol=0, atol=0)
+    assert reloaded.model.lm_head.weight is reloaded.model.token_embedding.weight  # still tied after loading
+
+
+def test_the_same_seed_generates_the_same_text(text_file, tmp_path):
+    run = tinylm.load(train_tiny(text_file, tmp_path / "run").run_dir)
+    first = run.generate("All:", max_new_tokens=40, temperature=1.0, top_k=10, seed=7)
+    assert run.generate("All:", max_new_tokens=40, temperature=1.0, top_k=10, seed=7) == first
+    assert run.generate("All:", max_new_tokens=40, temperature=1.0, top_k=10, seed=8) != first
+    assert len(first) == len("All:") + 40
+
+
+def test_generation_runs_past_the_context_window(text_file, tmp_path):
+    run = tinylm.load(train_tiny(text_file, tmp_path / "run").run_dir)
+    text = run.generate("First", max_new_tokens=3 * run.config.model.block_size, temperature=0)
+    assert len(text) == len("First") + 96
+
+
+def test_evaluation_covers_the_whole_split_and_reports_bits_per_byte(text_file, tmp_path):
+    run = tinylm.load(train_tiny(text_file, tmp_path / "run").run_dir)
+    result = run.evaluate("val")
+    val_chars = len(text_file.read_text()) - int(len(text_file.read_text()) * 0.9)
+    assert result.tokens == val_chars - 1
+    assert result.perplexity == pytest.approx(math.exp(result.loss))
+    assert result.bpb == pytest.approx(result.loss / math.log(2))  # ASCII text: one byte per character
+
+
+def test_a_dataset_shorter_than_one_context_window_is_refused(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words of text, " * 10)
+    with pytest.raises(TinylmError, match=r"the val split has \d+ tokens, fewer than one context window"):
+        train_tiny(short, tmp_path / "run", **{"model.block_size": 64})
+
+
+def test_an_existing_run_is_kept_unless_overwrite_is_asked(text_file, tmp_path):
+    train_tiny(text_file, tmp_path / "run")
+    with pytest.raises(TinylmError, match="already holds a run; choose another --out or pass --overwrite"):
+        train_tiny(text_file, tmp_path / "run")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(TinylmError, match="is not a tinylm run folder"):
+        train_tiny(text_file, tmp_path / "notes")
+
+
+def test_ctrl_c_saves_the_training_state(text_file, tmp_path, monkeypatch):
+    from tinylm.train import trainer
+
+    original = trainer.TrainingLoop.train_step
+
+    def interrupted_at_step_7(self, lr):
+        if self.step == 7:
+            raise KeyboardInterrupt
+        return original(self, lr)
+
+    monkeypatch.setattr(trainer.TrainingLoop, "train_step", interrupted_at_step_7)
+    with pytest.raises(TinylmError, match="interrupted at step 7; training state saved in"):
+        train_tiny(text_file, tmp_path / "run")
+    assert latest_checkpoint(tmp_path / "run").name == "step-0000007"
+
+
+def test_the_schedule_warms_up_then_decays_to_its_floor():
+    config = tinylm.load_config(
+        None, {"train.learning_rate": 1e-3, "train.warmup_steps": 10, "train.max_steps": 110, "train.min_lr_ratio": 0.1}
+    )
+    lrs = [learning_rate_at(step, config.train) for step in range(111)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
+    assert lrs[60] == pytest.approx(0.55e-3) and lrs[110] == pytest.approx(1e-4)
+
+
+def test_bigram_preset_trains(text_file, tmp_path):
+    result = train_tiny(text_file, tmp_path / "run", **{"model.preset": "bigram", "train.learning_rate": 0.1})
+    assert tinylm.load(result.run_dir).config.model.arch == "bigram"
+    assert result.best_val_loss < math.log(VOCAB_SIZE)
+
+
+def test_decay_applies_to_matrices_only(text_file, tmp_path):
+    from tinylm.model import build_model
+    from tinylm.train.optim import build_adamw
+
+    config = tinylm.load_config(
+        None, {"model.vocab_size": 10, "model.n_layer": 1, "model.n_embd": 8, "model.n_head": 2, "model.block_size": 4}
+    )
+    optimizer = build_adamw(build_model(config.model), config.train, "cpu")
+    decayed, plain = optimizer.param_groups
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert plain["weight_decay"] == 0.0
