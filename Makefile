@@ -39,7 +39,7 @@ bench: setup
 	$(BIN)/python bench/shakespeare_char.py --repeats 2
 
 gpu-check: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m gpu
+	$(BIN)/python -m pytest -q -m gpu -rs
 
 clean:
 	rm -rf $(VENV) out build *.egg-info src/*.egg-info

@@ -11,7 +11,7 @@ from conftest import SMALL_TEXT, tiny_overrides
 import tinylm
 from tinylm.errors import TinylmError
 from tinylm.train.checkpoint import latest_checkpoint
-from tinylm.train.optim import learning_rate_at
+from tinylm.train.optim import build_optimizers, learning_rate_factor
 
 VOCAB_SIZE = len(set(SMALL_TEXT)) + 1  # every character of the text, then <|endoftext|>
 
@@ -105,10 +105,10 @@ def test_ctrl_c_saves_the_training_state(text_file, tmp_path, monkeypatch):
 
     original = trainer.TrainingLoop.train_step
 
-    def interrupted_at_step_7(self, lr):
+    def interrupted_at_step_7(self):
         if self.step == 7:
             raise KeyboardInterrupt
-        return original(self, lr)
+        return original(self)
 
     monkeypatch.setattr(trainer.TrainingLoop, "train_step", interrupted_at_step_7)
     with pytest.raises(TinylmError, match="interrupted at step 7; training state saved in"):
@@ -117,13 +117,11 @@ def test_ctrl_c_saves_the_training_state(text_file, tmp_path, monkeypatch):
 
 
 def test_the_schedule_warms_up_then_decays_to_its_floor():
-    config = tinylm.load_config(
-        None, {"train.learning_rate": 1e-3, "train.warmup_steps": 10, "train.max_steps": 110, "train.min_lr_ratio": 0.1}
-    )
-    lrs = [learning_rate_at(step, config.train) for step in range(111)]
-    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
-    assert lrs[60] == pytest.approx(0.55e-3) and lrs[110] == pytest.approx(1e-4)
+    config = tinylm.load_config(None, {"train.warmup_steps": 10, "train.max_steps": 110, "train.min_lr_ratio": 0.1})
+    factors = [learning_rate_factor(step, config.train) for step in range(111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
+    assert factors[60] == pytest.approx(0.55) and factors[110] == pytest.approx(0.1)
 
 
 def test_bigram_preset_trains(text_file, tmp_path):
@@ -132,14 +130,44 @@ def test_bigram_preset_trains(text_file, tmp_path):
     assert result.best_val_loss < math.log(VOCAB_SIZE)
 
 
-def test_decay_applies_to_matrices_only(text_file, tmp_path):
-    from tinylm.model import build_model
-    from tinylm.train.optim import build_adamw
+def small_model_config(**overrides) -> tinylm.Config:
+    shape = {"model.vocab_size": 10, "model.n_layer": 1, "model.n_embd": 8, "model.n_head": 2, "model.block_size": 4}
+    return tinylm.load_config(None, {**shape, **overrides})
 
-    config = tinylm.load_config(
-        None, {"model.vocab_size": 10, "model.n_layer": 1, "model.n_embd": 8, "model.n_head": 2, "model.block_size": 4}
-    )
-    optimizer = build_adamw(build_model(config.model), config.train, "cpu")
+
+def test_adamw_decays_matrices_only():
+    from tinylm.model import build_model
+
+    config = small_model_config()
+    (optimizer,) = build_optimizers(build_model(config.model), config.train, "cpu")
     decayed, plain = optimizer.param_groups
     assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
     assert plain["weight_decay"] == 0.0
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    from tinylm.model import build_model
+
+    config = small_model_config(**{"train.optimizer": "muon"})
+    model = build_model(config.model)
+    muon, adamw = build_optimizers(model, config.train, "cpu")
+    block = model.blocks[0]
+    expected = {
+        id(block.attn.qkv.weight),
+        id(block.attn.proj.weight),
+        id(block.mlp.fc.weight),
+        id(block.mlp.proj.weight),
+    }
+    assert {id(p) for group in muon.param_groups for p in group["params"]} == expected
+    in_adamw = {id(p) for group in adamw.param_groups for p in group["params"]}
+    assert id(model.token_embedding.weight) in in_adamw and not expected & in_adamw
+    assert len(in_adamw) + len(expected) == len(list(model.parameters()))
+
+
+def test_muon_training_lowers_the_loss(text_file, tmp_path):
+    result = train_tiny(
+        text_file,
+        tmp_path / "run",
+        **{"train.optimizer": "muon", "train.max_steps": 60, "train.eval_interval": 60, "train.learning_rate": 1e-2},
+    )
+    assert result.best_val_loss < 2.0

@@ -43,6 +43,7 @@ def build_parser() -> ArgumentParser:
 
 def train_parser() -> ArgumentParser:
     parser = config_parser()
+    parser.usage = "tinylm train RECIPE.yaml [--out DIR] [--overwrite] [--section.key VALUE ...]"
     parser.add_argument("--overwrite", action="store_true", help="Replace the run already in the --out folder.")
     return parser
 

@@ -30,7 +30,7 @@ class DataConfig:
     """Where the text comes from and how it becomes tokens."""
 
     source: str = "tinyshakespeare"
-    """A dataset name (`tinylm datasets` lists them) or the path of a UTF-8 .txt file."""
+    """A dataset name (tinyshakespeare) or the path of a UTF-8 .txt file."""
     tokenizer: str = "char"
     """Tokenizer spec. `char`: one token per character of the corpus."""
     val_fraction: float = 0.1
@@ -71,12 +71,18 @@ class TrainConfig:
 
     max_steps: int = 2000
     """Optimizer steps to run."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """`adamw`, or `muon`: Muon on the hidden matrices and AdamW (learning_rate) on embeddings, norms and biases."""
     batch_size: int = 32
     """Sequences per optimizer step."""
     learning_rate: float = 1e-3
-    """Peak learning rate, reached at the end of warm-up."""
+    """Peak AdamW learning rate, reached at the end of warm-up."""
+    muon_lr: float = 0.02
+    """Peak Muon learning rate (optimizer: muon), on the same schedule."""
+    muon_momentum: float = 0.95
+    """Muon's Nesterov momentum."""
     min_lr_ratio: float = 0.1
-    """The cosine schedule decays to learning_rate * min_lr_ratio at max_steps."""
+    """The cosine schedule decays every learning rate to its peak * min_lr_ratio at max_steps."""
     warmup_steps: int = 100
     """Steps of linear warm-up from zero."""
     weight_decay: float = 0.1
@@ -228,8 +234,9 @@ def check_config(config: Config) -> None:
     for key in ("max_steps", "batch_size", "eval_interval", "eval_batches", "log_interval"):
         if getattr(train, key) < 1:
             raise TinylmError(f"train.{key} must be at least 1, not {getattr(train, key)}")
-    if train.learning_rate <= 0:
-        raise TinylmError(f"train.learning_rate must be positive, not {train.learning_rate}")
+    for key in ("learning_rate", "muon_lr"):
+        if getattr(train, key) <= 0:
+            raise TinylmError(f"train.{key} must be positive, not {getattr(train, key)}")
     if config.sample.temperature < 0:
         raise TinylmError(f"sample.temperature must be 0 or more, not {config.sample.temperature}")
 
@@ -291,7 +298,7 @@ def _underscored(arg: str) -> str:
     if not arg.startswith("--"):
         return arg
     name, eq, value = arg.partition("=")
-    return name.replace("-", "_").replace("__", "--", 1) + eq + value
+    return "--" + name[2:].replace("-", "_") + eq + value
 
 
 def _field_names(cls: type) -> set[str]:

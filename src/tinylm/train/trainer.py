@@ -24,7 +24,7 @@ from tinylm.errors import TinylmError
 from tinylm.generate import generate_tokens
 from tinylm.model import build_model, count_parameters
 from tinylm.train.checkpoint import BEST_WEIGHTS, load_weights, save_checkpoint, save_weights
-from tinylm.train.optim import build_adamw, learning_rate_at
+from tinylm.train.optim import build_optimizers, build_schedulers
 
 CONFIG_FILE = "config.yaml"
 
@@ -69,8 +69,8 @@ def train(config: Config, overwrite: bool = False) -> TrainResult:
     config.save(run_dir / CONFIG_FILE)
     tokenizer.save(run_dir)
     model = build_model(config.model).to(device)
-    optimizer = build_adamw(model, config.train, device.type)
-    loop = TrainingLoop(config, model, optimizer, train_split, val_split, run_dir)
+    optimizers = build_optimizers(model, config.train, device.type)
+    loop = TrainingLoop(config, model, optimizers, train_split, val_split, run_dir)
     tqdm.write(f"tinylm: {count_parameters(model)['total']:,} parameters on {device}, data in {data.folder}")
     loop.run()
 
@@ -89,12 +89,13 @@ class TrainingLoop:
         self,
         config: Config,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizers: list[torch.optim.Optimizer],
         train_split: TokenShards,
         val_split: TokenShards,
         run_dir: Path,
     ):
-        self.config, self.model, self.optimizer, self.run_dir = config, model, optimizer, run_dir
+        self.config, self.model, self.optimizers, self.run_dir = config, model, optimizers, run_dir
+        self.schedulers = build_schedulers(optimizers, config.train)
         self.train_split = train_split
         t, block_size = config.train, config.model.block_size
         self.batch_generator = torch.Generator().manual_seed(t.seed)
@@ -111,75 +112,76 @@ class TrainingLoop:
 
     def run(self) -> None:
         t = self.config.train
-        tokens_per_step = t.batch_size * self.config.model.block_size
         self.model.train()
-        start = last_log = time.perf_counter()
+        self.start = time.perf_counter()
+        self.last_log = (self.step, self.start)
         with (
-            open(self.run_dir / "metrics.jsonl", "a") as metrics,
-            tqdm(total=t.max_steps, desc="train", unit="step", dynamic_ncols=True, disable=None) as bar,
+            open(self.run_dir / "metrics.jsonl", "a") as self.metrics,
+            tqdm(total=t.max_steps, desc="train", unit="step", dynamic_ncols=True, disable=None) as self.bar,
         ):
             try:
                 while self.step < t.max_steps:
-                    lr = learning_rate_at(self.step, t)
-                    loss = self.train_step(lr)
+                    lr = self.schedulers[-1].get_last_lr()[0]  # AdamW's, the optimizer every run has
+                    loss = self.train_step()
                     self.step += 1
-                    bar.update()
+                    self.bar.update()
                     if self.step % t.log_interval == 0:
-                        now = time.perf_counter()
-                        tokens_per_s = tokens_per_step * t.log_interval / (now - last_log)
-                        last_log = now
-                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-                        self._record(
-                            metrics,
-                            {
-                                "step": self.step,
-                                "loss": loss,
-                                "lr": lr,
-                                "tokens_per_s": round(tokens_per_s),
-                                "elapsed_s": now - start,
-                            },
-                        )
+                        self._log_progress(loss, lr)
                     if self.step % t.eval_interval == 0 or self.step == t.max_steps:
-                        losses = self.estimate_losses()
-                        self.elapsed_s = time.perf_counter() - start
-                        improved = losses["val"] < self.best_val_loss
-                        if improved:
-                            self.best_val_loss = losses["val"]
-                            save_weights(
-                                self.model, self.run_dir / BEST_WEIGHTS, {"step": self.step, "val_loss": losses["val"]}
-                            )
-                        self._save_checkpoint()
-                        self._record(
-                            metrics,
-                            {
-                                "step": self.step,
-                                "train_loss": losses["train"],
-                                "val_loss": losses["val"],
-                                "elapsed_s": self.elapsed_s,
-                            },
-                        )
-                        bar.write(
-                            f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                            f"{' (best)' if improved else ''}, {self.elapsed_s:.1f}s"
-                        )
-                        last_log = time.perf_counter()  # evaluation time is not training throughput
+                        self._evaluate_and_checkpoint()
             except KeyboardInterrupt:
                 path = self._save_checkpoint()
                 raise TinylmError(f"interrupted at step {self.step}; training state saved in {path}") from None
 
-    def train_step(self, lr: float) -> float:
+    def _log_progress(self, loss: float, lr: float) -> None:
+        now = time.perf_counter()
+        last_step, last_time = self.last_log
+        tokens = (self.step - last_step) * self.config.train.batch_size * self.config.model.block_size
+        tokens_per_s = tokens / (now - last_time)
+        self.last_log = (self.step, now)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        self._record(
+            {
+                "step": self.step,
+                "loss": loss,
+                "lr": lr,
+                "tokens_per_s": round(tokens_per_s),
+                "elapsed_s": now - self.start,
+            }
+        )
+
+    def _evaluate_and_checkpoint(self) -> None:
+        began = time.perf_counter()
+        losses = self.estimate_losses()
+        improved = losses["val"] < self.best_val_loss
+        if improved:
+            self.best_val_loss = losses["val"]
+            save_weights(self.model, self.run_dir / BEST_WEIGHTS, {"step": self.step, "val_loss": losses["val"]})
+        self.elapsed_s = time.perf_counter() - self.start
+        self._save_checkpoint()
+        self._record(
+            {"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"], "elapsed_s": self.elapsed_s}
+        )
+        self.bar.write(
+            f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+            f"{' (best)' if improved else ''}, {self.elapsed_s:.1f}s"
+        )
+        # Evaluation time is not training throughput: move the last log mark forward by it.
+        last_step, last_time = self.last_log
+        self.last_log = (last_step, last_time + time.perf_counter() - began)
+
+    def train_step(self) -> float:
         x, y = self.train_split.sample_batch(
             self.config.train.batch_size, self.config.model.block_size, self.batch_generator
         )
-        x, y = x.to(self.device), y.to(self.device)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        _, loss = self.model(x, y)
+        _, loss = self.model(x.to(self.device), y.to(self.device))
         loss.backward()
         if self.config.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+            optimizer.step()
+            scheduler.step()
+        self.model.zero_grad(set_to_none=True)
         return loss.item()
 
     @torch.inference_mode()
@@ -194,17 +196,17 @@ class TrainingLoop:
 
     def _save_checkpoint(self) -> Path:
         trainer_state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+            "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
             "torch_rng": torch.get_rng_state(),
             "batch_rng": self.batch_generator.get_state(),
         }
         info = {"best_val_loss": self.best_val_loss, "elapsed_s": self.elapsed_s}
         return save_checkpoint(self.run_dir, self.step, self.model, trainer_state, info)
 
-    @staticmethod
-    def _record(metrics, record: dict) -> None:
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+    def _record(self, record: dict) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
 
 
 def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
