@@ -10,8 +10,8 @@ from conftest import SMALL_TEXT, tiny_overrides
 
 import tinylm
 from tinylm.errors import TinylmError
-from tinylm.train.checkpoint import latest_checkpoint
-from tinylm.train.optim import build_optimizers, learning_rate_factor
+from tinylm.training.checkpoint import latest_checkpoint
+from tinylm.training.optim import build_optimizers, learning_rate_factor
 
 VOCAB_SIZE = len(set(SMALL_TEXT)) + 1  # every character of the text, then <|endoftext|>
 
@@ -101,7 +101,7 @@ def test_an_existing_run_is_kept_unless_overwrite_is_asked(text_file, tmp_path):
 
 
 def test_ctrl_c_saves_the_training_state(text_file, tmp_path, monkeypatch):
-    from tinylm.train import trainer
+    from tinylm.training import trainer
 
     original = trainer.TrainingLoop.train_step
 
@@ -171,3 +171,12 @@ def test_muon_training_lowers_the_loss(text_file, tmp_path):
         **{"train.optimizer": "muon", "train.max_steps": 60, "train.eval_interval": 60, "train.learning_rate": 1e-2},
     )
     assert result.best_val_loss < 2.0
+
+
+def test_orthogonalize_brings_every_singular_value_near_one():
+    from tinylm.training.optim import orthogonalize
+
+    matrix = torch.randn(64, 16, generator=torch.Generator().manual_seed(0)) @ torch.diag(torch.logspace(-1, 1, 16))
+    assert torch.linalg.cond(matrix) > 50
+    singular_values = torch.linalg.svdvals(orthogonalize(matrix))
+    assert singular_values.min() > 0.6 and singular_values.max() < 1.25

@@ -9,7 +9,7 @@ print(tinylm.load(result.run_dir).generate("ROMEO:", max_new_tokens=200))
 from tinylm.config import Config, DataConfig, ModelConfig, SampleConfig, TrainConfig, load_config
 from tinylm.errors import TinylmError
 from tinylm.run import Run, load
-from tinylm.train.trainer import TrainResult, train
+from tinylm.training.trainer import TrainResult, train
 
 __all__ = [
     "Config",

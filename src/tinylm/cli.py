@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_train(args: list[str]) -> int:
-    from tinylm.train.trainer import train
+    from tinylm.training.trainer import train
 
     values = parse_user_values(train_parser(), args)
     overwrite = values.pop("overwrite", False)

@@ -17,8 +17,8 @@ from tinylm.evaluate import EvalResult, evaluate
 from tinylm.generate import generate_tokens
 from tinylm.model import build_model
 from tinylm.tokenizers import Tokenizer, load_tokenizer
-from tinylm.train.checkpoint import BEST_WEIGHTS, load_weights
-from tinylm.train.trainer import CONFIG_FILE
+from tinylm.training.checkpoint import BEST_WEIGHTS, load_weights
+from tinylm.training.trainer import CONFIG_FILE
 
 
 @dataclass

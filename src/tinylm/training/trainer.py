@@ -23,8 +23,8 @@ from tinylm.device import resolve_device
 from tinylm.errors import TinylmError
 from tinylm.generate import generate_tokens
 from tinylm.model import build_model, count_parameters
-from tinylm.train.checkpoint import BEST_WEIGHTS, load_weights, save_checkpoint, save_weights
-from tinylm.train.optim import build_optimizers, build_schedulers
+from tinylm.training.checkpoint import BEST_WEIGHTS, load_weights, save_checkpoint, save_weights
+from tinylm.training.optim import build_optimizers, build_schedulers
 
 CONFIG_FILE = "config.yaml"
 
