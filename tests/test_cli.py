@@ -138,6 +138,8 @@ def test_bad_sampling_options_get_one_line(run_dir, capsys):
     assert_one_line_error(code, err, "temperature must be 0 or more")
     code, _, err = run_cli(capsys, "generate", str(run_dir), "--top-k", "lots")
     assert_one_line_error(code, err, "expects")
+    code, _, err = run_cli(capsys, "generate", str(run_dir), "--prompt", "")
+    assert_one_line_error(code, err, "prompt is empty")
 
 
 def test_the_demo_path_runs_end_to_end_as_a_user_runs_it(tmp_path, needs_mirror):

@@ -180,3 +180,9 @@ def test_orthogonalize_brings_every_singular_value_near_one():
     assert torch.linalg.cond(matrix) > 50
     singular_values = torch.linalg.svdvals(orthogonalize(matrix))
     assert singular_values.min() > 0.6 and singular_values.max() < 1.25
+
+
+def test_a_sample_prompt_outside_the_vocabulary_stops_the_run_before_training(text_file, tmp_path):
+    with pytest.raises(TinylmError, match=r"sample\.prompt: text has 1 character\(s\) outside"):
+        train_tiny(text_file, tmp_path / "run", **{"sample.prompt": "Ωme"})
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

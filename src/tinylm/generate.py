@@ -7,6 +7,20 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from tinylm.errors import TinylmError
+from tinylm.tokenizers import Tokenizer
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, name: str = "prompt") -> list[int]:
+    """The prompt's token ids, or a one-line error naming the option the prompt came from."""
+    try:
+        ids = tokenizer.encode(prompt)
+    except TinylmError as error:
+        raise TinylmError(f"{name}: {error}") from None
+    if not ids:
+        raise TinylmError(f"{name} is empty; give at least one character, e.g. a newline")
+    return ids
+
 
 def sample_next_token(
     logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None

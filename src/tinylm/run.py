@@ -14,7 +14,7 @@ from tinylm.data.prepare import prepare
 from tinylm.device import resolve_device
 from tinylm.errors import TinylmError
 from tinylm.evaluate import EvalResult, evaluate
-from tinylm.generate import generate_tokens
+from tinylm.generate import encode_prompt, generate_tokens
 from tinylm.model import build_model
 from tinylm.tokenizers import Tokenizer, load_tokenizer
 from tinylm.training.checkpoint import BEST_WEIGHTS, load_weights
@@ -47,12 +47,7 @@ class Run:
             raise TinylmError(f"temperature must be 0 or more, not {temperature}")
         if top_k is not None and top_k < 1:
             raise TinylmError(f"top_k must be at least 1, not {top_k}")
-        try:
-            prompt_ids = self.tokenizer.encode(prompt)
-        except TinylmError as error:
-            raise TinylmError(f"prompt: {error}") from None
-        if not prompt_ids:
-            raise TinylmError("the prompt is empty; give at least one character, e.g. --prompt $'\\n'")
+        prompt_ids = encode_prompt(self.tokenizer, prompt)
         seed = s.seed if seed is None else seed
         for token in generate_tokens(self.model, prompt_ids, max_new_tokens, temperature, top_k, seed):
             yield self.tokenizer.decode([token])

@@ -21,7 +21,7 @@ from tinylm.data.loader import TokenShards
 from tinylm.data.prepare import prepare
 from tinylm.device import resolve_device
 from tinylm.errors import TinylmError
-from tinylm.generate import generate_tokens
+from tinylm.generate import encode_prompt, generate_tokens
 from tinylm.model import build_model, count_parameters
 from tinylm.training.checkpoint import BEST_WEIGHTS, load_weights, save_checkpoint, save_weights
 from tinylm.training.optim import build_optimizers, build_schedulers
@@ -64,6 +64,7 @@ def train(config: Config, overwrite: bool = False) -> TrainResult:
                 f"the {name} split has {len(split)} tokens, fewer than one context window "
                 f"(model.block_size + 1 = {config.model.block_size + 1}); give more text or lower model.block_size"
             )
+    prompt = encode_prompt(tokenizer, config.sample.prompt, "sample.prompt")  # fail before training, not after
 
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / CONFIG_FILE)
@@ -76,7 +77,6 @@ def train(config: Config, overwrite: bool = False) -> TrainResult:
 
     load_weights(model, run_dir / BEST_WEIGHTS)
     s = config.sample
-    prompt = tokenizer.encode(s.prompt)
     sample = s.prompt + tokenizer.decode(
         generate_tokens(model, prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed)
     )
