@@ -7,7 +7,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_overrides
 
+import tinylm
 from tinylm.config import DataConfig
 from tinylm.data import sources
 from tinylm.data.loader import TokenShards
@@ -56,7 +58,7 @@ def test_token_files_hold_the_encoded_text(text_file, tmp_path):
 
 def test_char_tokenizer_round_trips_and_saves(tmp_path):
     text = "héllo wörld ✓ 🙂\n"
-    tokenizer = train_tokenizer("char", [text])
+    tokenizer = train_tokenizer("char", text)
     assert tokenizer.decode(tokenizer.encode(text)) == text
     tokenizer.save(tmp_path)
     loaded = load_tokenizer(tmp_path)
@@ -72,8 +74,10 @@ def test_characters_outside_the_vocabulary_are_named():
 
 
 def test_an_unknown_tokenizer_is_refused():
-    with pytest.raises(TinylmError, match="unknown tokenizer 'word'; choose one of: char"):
-        train_tokenizer("word", ["abc"])
+    with pytest.raises(TinylmError, match="unknown tokenizer 'word'; choose char or bpe:N"):
+        train_tokenizer("word", "abc")
+    with pytest.raises(TinylmError, match="give the vocabulary size as bpe:N"):
+        train_tokenizer("bpe:many", "abc")
 
 
 @pytest.mark.parametrize(
@@ -186,3 +190,48 @@ def test_meta_records_the_tokenizer(text_file, tmp_path):
     meta = json.loads((data.folder / "meta.json").read_text())
     assert meta["tokenizer"] == {"spec": "char", "fingerprint": data.tokenizer.fingerprint()}
     assert meta["vocab_size"] == data.tokenizer.vocab_size
+
+
+@pytest.mark.parametrize(
+    "text", ["héllo wörld ✓ 🙂\n", "ROMEO:\n\tWherefore art thou?  ", "漢字かなカナ", "\x00\x7f\u200b", ""]
+)
+def test_byte_level_bpe_round_trips_any_text(tmp_path, text):
+    corpus = ("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50) + "😀 naïve café\n"
+    tokenizer = train_tokenizer("bpe:300", corpus)
+    assert tokenizer.vocab_size <= 300
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    tokenizer.save(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.encode(text) == tokenizer.encode(text) and loaded.fingerprint() == tokenizer.fingerprint()
+    assert (tmp_path / "tokenizer.json").is_file()  # the standard Hugging Face file, loadable by other tools
+
+
+def test_bpe_byte_lengths_add_up_to_the_utf8_size():
+    tokenizer = train_tokenizer("bpe:320", "naïve café, 🙂 smile\n" * 40)
+    text = "a naïve 🙂 café"
+    lengths = tokenizer.token_byte_lengths()
+    assert lengths[tokenizer.encode(text)].sum() == len(text.encode())
+    assert lengths[tokenizer.end_of_text] == 0
+
+
+def test_a_bpe_tokenizer_prepares_and_trains(text_file, tmp_path):
+    result = tinylm.train(
+        tinylm.load_config(None, tiny_overrides(text_file, tmp_path / "run", **{"data.tokenizer": "bpe:300"}))
+    )
+    run = tinylm.load(result.run_dir)
+    assert run.tokenizer.spec.startswith("bpe:") and run.config.model.vocab_size == run.tokenizer.vocab_size
+    assert run.evaluate().bpb > 0
+
+
+def test_streaming_never_splits_a_character_across_pieces(text_file, tmp_path, monkeypatch):
+    result = tinylm.train(
+        tinylm.load_config(None, tiny_overrides(text_file, tmp_path / "run", **{"data.tokenizer": "bpe:300"}))
+    )
+    run = tinylm.load(result.run_dir)
+    emoji_ids = run.tokenizer.encode("🙂")  # not in the training text: one token per byte
+    assert len(emoji_ids) == 4
+    scripted = [*run.tokenizer.encode("All"), *emoji_ids, *run.tokenizer.encode(" hi")]
+    monkeypatch.setattr(tinylm.run, "generate_tokens", lambda *args: iter(scripted))
+    pieces = list(run.stream("First", max_new_tokens=len(scripted)))
+    assert "".join(pieces) == "All🙂 hi"
+    assert all("\ufffd" not in piece for piece in pieces)

@@ -32,7 +32,7 @@ class DataConfig:
     source: str = "tinyshakespeare"
     """A dataset name (tinyshakespeare) or the path of a UTF-8 .txt file."""
     tokenizer: str = "char"
-    """Tokenizer spec. `char`: one token per character of the corpus."""
+    """Tokenizer spec. `char`: one token per character of the corpus; `bpe:N`: byte-level BPE with N tokens."""
     val_fraction: float = 0.1
     """Share of the text, taken from its end, held out for validation."""
     data_dir: str | None = None

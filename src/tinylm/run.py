@@ -49,8 +49,17 @@ class Run:
             raise TinylmError(f"top_k must be at least 1, not {top_k}")
         prompt_ids = encode_prompt(self.tokenizer, prompt)
         seed = s.seed if seed is None else seed
+        new_ids: list[int] = []
+        shown = ""
         for token in generate_tokens(self.model, prompt_ids, max_new_tokens, temperature, top_k, seed):
-            yield self.tokenizer.decode([token])
+            new_ids.append(token)
+            text = self.tokenizer.decode(new_ids)
+            # A byte-level token can end inside a multi-byte character: wait for the bytes that complete it.
+            if not text.endswith("\ufffd"):
+                yield text[len(shown) :]
+                shown = text
+        if new_ids and len(text) > len(shown):
+            yield text[len(shown) :]
 
     def generate(self, prompt: str, **options) -> str:
         """The prompt followed by its sampled continuation (options as for `stream`)."""

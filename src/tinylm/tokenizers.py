@@ -1,7 +1,10 @@
 """Text <-> token ids, behind one interface for every kind of tokenizer.
 
-A tokenizer is named by a spec string (`char` today) and saved as `tinylm_tokenizer.json` beside the data and in every
-run folder, so a run always decodes with the exact vocabulary it was trained on.
+A tokenizer is named by a spec string and saved as `tinylm_tokenizer.json` beside the data and in every run folder, so a
+run always decodes with the exact vocabulary it was trained on:
+- `char`: one token per character of the corpus;
+- `bpe:N`: a byte-level BPE with N tokens learned from the training split (Hugging Face `tokenizers`), stored as a
+  standard `tokenizer.json` beside ours.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from tinylm.errors import TinylmError
 
@@ -21,7 +26,7 @@ END_OF_TEXT = "<|endoftext|>"
 
 
 class Tokenizer(ABC):
-    """Encodes text to token ids and back. Special tokens are never produced by `encode` from plain text."""
+    """Encodes text to token ids and back; decode(encode(text)) == text for any text the tokenizer covers."""
 
     spec: str
 
@@ -114,14 +119,71 @@ class CharTokenizer(Tokenizer):
         return np.array([len(c.encode()) for c in self.chars] + [0], dtype=np.int64)
 
 
-TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {"char": CharTokenizer}
+class ByteLevelBPETokenizer(Tokenizer):
+    """GPT-2-style byte-level BPE: text is UTF-8 bytes, so every string encodes, merged into a learned vocabulary."""
+
+    def __init__(self, backend: HFTokenizer):
+        self.backend = backend
+        self.spec = f"bpe:{backend.get_vocab_size()}"
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> ByteLevelBPETokenizer:
+        backend = HFTokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[END_OF_TEXT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, so no text is out of vocabulary
+            show_progress=False,
+        )
+        backend.train_from_iterator(texts, trainer=trainer)
+        return cls(backend)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return {END_OF_TEXT: self.backend.token_to_id(END_OF_TEXT)}
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def to_json(self) -> dict:
+        return {"spec": "bpe", "tokenizer": json.loads(self.backend.to_str())}
+
+    def save(self, folder: Path) -> None:
+        self.backend.save(str(folder / "tokenizer.json"))
+        (folder / TOKENIZER_FILE).write_text(json.dumps({"spec": "bpe", "file": "tokenizer.json"}))
+
+    def token_byte_lengths(self) -> np.ndarray:
+        # In the byte-level alphabet each byte is one character, so a token's byte count is its string length.
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        special = set(self.special_tokens.values())
+        for token, token_id in self.backend.get_vocab().items():
+            lengths[token_id] = 0 if token_id in special else len(token)
+        return lengths
 
 
-def train_tokenizer(spec: str, texts: Iterable[str]) -> Tokenizer:
-    """Build the tokenizer a spec names, learning its vocabulary from `texts` where it needs one."""
-    if spec not in TOKENIZER_KINDS:
-        raise TinylmError(f"unknown tokenizer '{spec}'; choose one of: {', '.join(TOKENIZER_KINDS)}")
-    return TOKENIZER_KINDS[spec].train(texts)
+def train_tokenizer(spec: str, train_text: str, held_out_text: str = "") -> Tokenizer:
+    """Build the tokenizer a spec names, learning its vocabulary from the training text.
+
+    A char vocabulary also reads the held-out text: a character seen only there could not be encoded otherwise, and
+    listing which characters exist teaches the model nothing. A BPE covers every byte: it learns from train text only.
+    """
+    if spec == "char":
+        return CharTokenizer.train([train_text, held_out_text])
+    kind, _, size = spec.partition(":")
+    if kind == "bpe":
+        if not size.isdigit() or not 257 <= int(size) <= 1 << 20:
+            raise TinylmError(f"tokenizer '{spec}': give the vocabulary size as bpe:N with N from 257, e.g. bpe:4096")
+        return ByteLevelBPETokenizer.train([train_text], int(size))
+    raise TinylmError(f"unknown tokenizer '{spec}'; choose char or bpe:N (e.g. bpe:4096)")
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:
@@ -131,4 +193,6 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     saved = json.loads(path.read_text())
     if saved.get("spec") == "char":
         return CharTokenizer(saved["chars"])
+    if saved.get("spec") == "bpe":
+        return ByteLevelBPETokenizer(HFTokenizer.from_file(str(folder / saved["file"])))
     raise TinylmError(f"{path} holds an unknown tokenizer spec {saved.get('spec')!r}; upgrade tinylm to read it")

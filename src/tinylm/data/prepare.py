@@ -61,8 +61,7 @@ def prepare(config: DataConfig) -> PreparedData:
             raise TinylmError(
                 f"the {split} split of {config.source} is empty; give more text or change data.val_fraction"
             )
-    # A char vocabulary comes from the whole text, as in nanoGPT: a character seen only in val must still encode.
-    tokenizer = train_tokenizer(config.tokenizer, splits.values())
+    tokenizer = train_tokenizer(config.tokenizer, splits["train"], held_out_text=splits["val"])
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
 
     staging = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
