@@ -189,3 +189,17 @@ def test_the_demo_path_runs_end_to_end_as_a_user_runs_it(tmp_path, needs_mirror)
     )
     assert evaluate.returncode == 0
     assert json.loads(evaluate.stdout)["val"]["tokens"] == 111540 - 1
+
+
+def test_prepare_reports_the_token_files_and_reuses_them(text_file, tmp_path, capsys):
+    args = ("prepare", str(text_file), "--tokenizer", "bpe:300", "--data-dir", str(tmp_path / "data"))
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and "train:" in out and "val:" in out and "bytes per token" in out
+    folder = tmp_path / "data" / "small-bpe300"
+    stamp = (folder / "meta.json").stat().st_mtime_ns
+    assert run_cli(capsys, *args)[0] == 0 and (folder / "meta.json").stat().st_mtime_ns == stamp
+    assert run_cli(capsys, *args, "--force-reload")[0] == 0 and (folder / "meta.json").stat().st_mtime_ns != stamp
+    code, _, err = run_cli(capsys, "prepare", str(text_file), "--tokenizer", "wordpiece")
+    assert_one_line_error(code, err, "unknown tokenizer 'wordpiece'")
+    code, _, err = run_cli(capsys, "prepare", str(text_file), "--val-fraction", "1.5")
+    assert_one_line_error(code, err, "data.val_fraction must be between 0 and 1")

@@ -24,6 +24,14 @@ def build_parser() -> ArgumentParser:
         "train", train_parser(), help="Train a model: `tinylm train RECIPE.yaml [--section.key VALUE ...]`."
     )
 
+    prepare = ArgumentParser(exit_on_error=False, description="Download (or find) a dataset and tokenize it.")
+    prepare.add_argument("source", type=str, help="A dataset name (tinyshakespeare) or a UTF-8 .txt file.")
+    prepare.add_argument("--tokenizer", type=str, default="char", help="`char` or `bpe:N` (e.g. bpe:4096).")
+    prepare.add_argument("--val-fraction", type=float, default=0.1, help="Share of the text, from its end, held out.")
+    prepare.add_argument("--data-dir", type=str | None, default=None, help="Where token files go (default: cache).")
+    prepare.add_argument("--force-reload", action="store_true", help="Prepare again even if nothing changed.")
+    commands.add_subcommand("prepare", prepare, help="Tokenize a dataset into token files (train does it too).")
+
     generate = ArgumentParser(exit_on_error=False, description="Continue a prompt with a trained model, streaming.")
     generate.add_argument("run_dir", type=str, help="Run folder written by `tinylm train`.")
     generate.add_argument("--prompt", type=str | None, default=None, help="Text to continue (default: the run's).")
@@ -58,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
         except Exception as error:  # jsonargparse reports every parse problem as ArgumentError or ValueError
             raise TinylmError(explain_parse_error(str(error))) from None
-        return {"generate": run_generate, "eval": run_eval}[args.command](args[args.command])
+        return {"prepare": run_prepare, "generate": run_generate, "eval": run_eval}[args.command](args[args.command])
     except TinylmError as error:
         print(f"tinylm: error: {error}", file=sys.stderr)
         return 1
@@ -77,6 +85,22 @@ def run_train(args: list[str]) -> int:
         f"\nbest val loss {result.best_val_loss:.4f} after {result.steps} steps in {result.elapsed_s:.1f}s; "
         f"run saved in {result.run_dir}\n--- sample ---\n{result.sample}"
     )
+    return 0
+
+
+def run_prepare(args) -> int:
+    from tinylm.config import Config, DataConfig, check_config
+    from tinylm.data.prepare import prepare
+
+    config = DataConfig(args.source, args.tokenizer, args.val_fraction, args.data_dir)
+    check_config(Config(data=config))
+    data = prepare(config, force=args.force_reload)
+    print(f"{data.folder}: {data.meta['tokenizer']['spec']} tokenizer, vocabulary {data.meta['vocab_size']:,}")
+    for split, info in data.meta["splits"].items():
+        print(
+            f"  {split}: {info['tokens']:,} tokens from {info['bytes']:,} bytes ({info['bytes'] / info['tokens']:.2f} "
+            "bytes per token)"
+        )
     return 0
 
 

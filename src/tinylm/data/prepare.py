@@ -42,7 +42,8 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def prepare(config: DataConfig) -> PreparedData:
+def prepare(config: DataConfig, force: bool = False) -> PreparedData:
+    """Tokenize the source into token files, or reuse those prepared from the same inputs (unless `force`)."""
     text, name = read_source_text(config.source)
     inputs = hashlib.sha256(
         f"{FORMAT_VERSION}|{config.tokenizer}|{config.val_fraction}|".encode() + text.encode()
@@ -50,7 +51,7 @@ def prepare(config: DataConfig) -> PreparedData:
     data_dir = Path(config.data_dir).expanduser() if config.data_dir else cache_dir() / "data"
     folder = data_dir / f"{name}-{config.tokenizer.replace(':', '').replace('/', '_')}"
     meta_path = folder / "meta.json"
-    if meta_path.is_file():
+    if meta_path.is_file() and not force:
         meta = json.loads(meta_path.read_text())
         if meta.get("inputs") == inputs:
             return PreparedData(folder, meta, load_tokenizer(folder))
