@@ -7,7 +7,15 @@ import sys
 
 from jsonargparse import ArgumentParser
 
-from tinylm.config import config_parser, explain_parse_error, parse_user_values, resolve_config
+from tinylm.config import (
+    Config,
+    DataConfig,
+    check_config,
+    config_parser,
+    explain_parse_error,
+    parse_user_values,
+    resolve_config,
+)
 from tinylm.errors import TinylmError
 
 
@@ -89,7 +97,6 @@ def run_train(args: list[str]) -> int:
 
 
 def run_prepare(args) -> int:
-    from tinylm.config import Config, DataConfig, check_config
     from tinylm.data.prepare import prepare
 
     config = DataConfig(args.source, args.tokenizer, args.val_fraction, args.data_dir)
