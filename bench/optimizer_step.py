@@ -1,4 +1,4 @@
-"""Milliseconds per optimizer step on the default recipe's model: AdamW's foreach and fused paths, and Muon.
+"""Milliseconds per optimizer step on the default recipe's model: AdamW (foreach, fused), tinylm's Muon, torch's Muon.
 
     python bench/optimizer_step.py [--recipe configs/shakespeare-char.yaml] [--rounds 3]
 
@@ -49,6 +49,7 @@ def main() -> None:
         "adamw foreach": torch.optim.AdamW(params, lr=1e-9, foreach=True),
         "adamw fused": torch.optim.AdamW(params, lr=1e-9, fused=True),
         "muon (hidden matrices)": Muon(matrices, lr=1e-9),
+        "torch.optim.Muon (bf16)": torch.optim.Muon(matrices, lr=1e-9),
     }
     timings: dict[str, list[float]] = {name: [] for name in ["forward+backward", *optimizers]}
     for _ in range(args.rounds):

@@ -99,7 +99,9 @@ def run_train(args: list[str]) -> int:
 def run_prepare(args) -> int:
     from tinylm.data.prepare import prepare
 
-    config = DataConfig(args.source, args.tokenizer, args.val_fraction, args.data_dir)
+    config = DataConfig(
+        source=args.source, tokenizer=args.tokenizer, val_fraction=args.val_fraction, data_dir=args.data_dir
+    )
     check_config(Config(data=config))
     data = prepare(config, force=args.force_reload)
     print(f"{data.folder}: {data.meta['tokenizer']['spec']} tokenizer, vocabulary {data.meta['vocab_size']:,}")
