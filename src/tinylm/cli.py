@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Literal
 
 from jsonargparse import ArgumentParser
 
@@ -33,10 +34,30 @@ def build_parser() -> ArgumentParser:
     )
 
     prepare = ArgumentParser(exit_on_error=False, description="Download (or find) a dataset and tokenize it.")
-    prepare.add_argument("source", type=str, help="A dataset name (tinyshakespeare) or a UTF-8 .txt file.")
-    prepare.add_argument("--tokenizer", type=str, default="char", help="`char` or `bpe:N` (e.g. bpe:4096).")
-    prepare.add_argument("--val-fraction", type=float, default=0.1, help="Share of the text, from its end, held out.")
+    prepare.add_argument(
+        "source",
+        type=str,
+        help="A dataset (tinyshakespeare, tinystories, tinystories-v1, wikitext2), a .txt/.jsonl/.json/.parquet file "
+        "or folder, or hf:owner/name[:config].",
+    )
+    prepare.add_argument("--subset", type=str | None, default=None, help="A named part of a dataset (e.g. head10k).")
+    prepare.add_argument(
+        "--tokenizer", type=str, default="char", help="char, bpe:N, gpt2, hf:NAME or a tokenizer.json."
+    )
+    prepare.add_argument("--text-field", type=str, default="text", help="Field or column holding each document.")
+    prepare.add_argument("--val-fraction", type=float, default=0.1, help="Share held out when there is no val split.")
     prepare.add_argument("--data-dir", type=str | None, default=None, help="Where token files go (default: cache).")
+    prepare.add_argument("--num-proc", type=int | None, default=None, help="Tokenizer processes (default: all cores).")
+    prepare.add_argument("--shard-tokens", type=int, default=100_000_000, help="Most tokens per shard file.")
+    prepare.add_argument(
+        "--token-dtype", type=Literal["auto", "uint16", "uint32"], default="auto", help="Integer type of token files."
+    )
+    prepare.add_argument(
+        "--errors",
+        type=Literal["strict", "replace"],
+        default="strict",
+        help="On bytes that are not UTF-8: stop (strict) or replace them with U+FFFD.",
+    )
     prepare.add_argument("--force-reload", action="store_true", help="Prepare again even if nothing changed.")
     commands.add_subcommand("prepare", prepare, help="Tokenize a dataset into token files (train does it too).")
 
@@ -51,7 +72,7 @@ def build_parser() -> ArgumentParser:
 
     evaluate = ArgumentParser(exit_on_error=False, description="Loss, perplexity and bits per byte on a data split.")
     evaluate.add_argument("run_dir", type=str, help="Run folder written by `tinylm train`.")
-    evaluate.add_argument("--split", type=str, default="val", help="Which split of the run's data: train or val.")
+    evaluate.add_argument("--split", type=str, default="val", help="Which split of the run's data: train, val or test.")
     evaluate.add_argument("--json", action="store_true", help='Print one JSON object: {"val": {"loss": ...}}.')
     commands.add_subcommand("eval", evaluate, help="Evaluate a trained run on its validation data.")
     return parser
@@ -100,15 +121,25 @@ def run_prepare(args) -> int:
     from tinylm.data.prepare import prepare
 
     config = DataConfig(
-        source=args.source, tokenizer=args.tokenizer, val_fraction=args.val_fraction, data_dir=args.data_dir
+        source=args.source,
+        subset=args.subset,
+        tokenizer=args.tokenizer,
+        text_field=args.text_field,
+        val_fraction=args.val_fraction,
+        data_dir=args.data_dir,
+        num_proc=args.num_proc,
+        shard_tokens=args.shard_tokens,
+        token_dtype=args.token_dtype,
+        encoding_errors=args.errors,
     )
     check_config(Config(data=config))
     data = prepare(config, force=args.force_reload)
-    print(f"{data.folder}: {data.meta['tokenizer']['spec']} tokenizer, vocabulary {data.meta['vocab_size']:,}")
-    for split, info in data.meta["splits"].items():
+    meta = data.meta
+    print(f"{data.folder}: {meta['tokenizer']['spec']} tokenizer, vocabulary {meta['vocab_size']:,}, {meta['dtype']}")
+    for split, info in meta["splits"].items():
         print(
-            f"  {split}: {info['tokens']:,} tokens from {info['bytes']:,} bytes ({info['bytes'] / info['tokens']:.2f} "
-            "bytes per token)"
+            f"  {split}: {info['tokens']:,} tokens in {len(info['files'])} shard(s), {info['documents']:,} documents, "
+            f"{info['bytes']:,} bytes ({info['bytes'] / info['tokens']:.2f} bytes per token)"
         )
     return 0
 
@@ -135,8 +166,6 @@ def run_generate(args) -> int:
 def run_eval(args) -> int:
     from tinylm.run import load
 
-    if args.split not in ("train", "val"):
-        raise TinylmError(f"unknown split '{args.split}'; choose train or val")
     result = load(args.run_dir).evaluate(args.split)
     if args.json:
         print(json.dumps({args.split: result.to_dict()}))

@@ -30,13 +30,27 @@ class DataConfig:
     """Where the text comes from and how it becomes tokens."""
 
     source: str = "tinyshakespeare"
-    """A dataset name (tinyshakespeare) or the path of a UTF-8 .txt file."""
+    """A dataset (tinyshakespeare, tinystories, tinystories-v1, wikitext2), a .txt/.jsonl/.json/.parquet file or a
+    folder of them, or hf:owner/name[:config] for a Hugging Face dataset."""
+    subset: str | None = None
+    """A named part of a dataset, e.g. tinystories head10k (the first 10k lines, what the offline mirror holds)."""
     tokenizer: str = "char"
-    """Tokenizer spec. `char`: one token per character of the corpus; `bpe:N`: byte-level BPE with N tokens."""
+    """`char`; `bpe:N` (byte-level BPE with N tokens trained on the train split); `gpt2` (tiktoken); `hf:NAME` (a
+    Hugging Face tokenizer); or the path of a tokenizer.json."""
+    text_field: str = "text"
+    """Field (.jsonl, .json, hf:) or column (.parquet) that holds each document's text."""
     val_fraction: float = 0.1
-    """Share of the text, taken from its end, held out for validation."""
+    """Share held out for validation when the source has no validation split of its own."""
     data_dir: str | None = None
     """Folder for prepared token files (default: the tinylm cache, `$TINYLM_CACHE` or ~/.cache/tinylm)."""
+    num_proc: int | None = None
+    """Tokenizer processes (default: every available core)."""
+    shard_tokens: int = 100_000_000
+    """Most tokens in one shard file."""
+    token_dtype: Literal["auto", "uint16", "uint32"] = "auto"
+    """Integer type of the token files; auto picks uint16 when the vocabulary fits in it."""
+    encoding_errors: Literal["strict", "replace"] = "strict"
+    """`strict` stops at bytes that are not UTF-8; `replace` puts U+FFFD in their place and goes on."""
 
 
 @dataclass
@@ -231,6 +245,10 @@ def check_config(config: Config) -> None:
         raise TinylmError(f"model.dropout must be in [0, 1), not {model.dropout}")
     if not 0.0 < data.val_fraction < 1.0:
         raise TinylmError(f"data.val_fraction must be between 0 and 1, not {data.val_fraction}")
+    if data.shard_tokens < 1:
+        raise TinylmError(f"data.shard_tokens must be at least 1, not {data.shard_tokens}")
+    if data.num_proc is not None and data.num_proc < 1:
+        raise TinylmError(f"data.num_proc must be at least 1, not {data.num_proc}")
     for key in ("max_steps", "batch_size", "eval_interval", "eval_batches", "log_interval"):
         if getattr(train, key) < 1:
             raise TinylmError(f"train.{key} must be at least 1, not {getattr(train, key)}")

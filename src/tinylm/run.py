@@ -68,11 +68,7 @@ class Run:
     def evaluate(self, split: str = "val") -> EvalResult:
         """Loss, perplexity and bits per byte over the whole split of the run's dataset."""
         data = prepare(self.config.data)
-        if data.tokenizer.fingerprint() != self.tokenizer.fingerprint():
-            raise TinylmError(
-                f"the data in {data.folder} was tokenized differently from this run's tokenizer; "
-                "delete that folder so it is prepared again"
-            )
+        data.check_tokenizer(self.tokenizer)
         return evaluate(self.model, data.split(split), self.tokenizer.token_byte_lengths())
 
 

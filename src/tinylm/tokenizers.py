@@ -3,13 +3,19 @@
 A tokenizer is named by a spec string and saved as `tinylm_tokenizer.json` beside the data and in every run folder, so a
 run always decodes with the exact vocabulary it was trained on:
 - `char`: one token per character of the corpus;
-- `bpe:N`: a byte-level BPE with N tokens learned from the training split (Hugging Face `tokenizers`), stored as a
-  standard `tokenizer.json` beside ours.
+- `bpe:N`: a byte-level BPE with N tokens (specials included) learned from the training split with Hugging Face
+  `tokenizers`, saved as a standard `tokenizer.json`;
+- `gpt2`: GPT-2's BPE through tiktoken (its two vocabulary files resolve like dataset files: cache, mirror, download);
+- `hf:NAME`: a Hugging Face tokenizer by hub name or local folder, or the path of a `tokenizer.json` (GPT-Neo's, ...).
+
+Documents are separated by the end-of-text token. Text inside a document is always encoded as ordinary text, so a
+literal "<|endoftext|>" in a story stays characters and the special id only ever marks a real document boundary.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -22,7 +28,11 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from tinylm.errors import TinylmError
 
 TOKENIZER_FILE = "tinylm_tokenizer.json"
+HF_TOKENIZER_FILE = "tokenizer.json"
 END_OF_TEXT = "<|endoftext|>"
+# What other tokenizers call the token that ends a document, in order of preference.
+END_OF_TEXT_NAMES = (END_OF_TEXT, "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>")
+SPECS_HELP = "char, bpe:N (e.g. bpe:4096), gpt2, hf:NAME (a Hugging Face tokenizer) or the path of a tokenizer.json"
 
 
 class Tokenizer(ABC):
@@ -36,24 +46,25 @@ class Tokenizer(ABC):
 
     @property
     @abstractmethod
-    def special_tokens(self) -> dict[str, int]: ...
+    def end_of_text(self) -> int:
+        """The id that separates documents."""
 
     @abstractmethod
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
 
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str: ...
 
     @abstractmethod
-    def to_json(self) -> dict: ...
+    def to_json(self) -> dict:
+        """What `load_tokenizer` needs to rebuild this tokenizer, for `fingerprint` and for saving."""
 
     @abstractmethod
     def token_byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes each token stands for (0 for special tokens), for bits-per-byte."""
-
-    @property
-    def end_of_text(self) -> int:
-        return self.special_tokens[END_OF_TEXT]
 
     def fingerprint(self) -> str:
         """A hash of the vocabulary: prepared data and a run must agree on it."""
@@ -86,8 +97,8 @@ class CharTokenizer(Tokenizer):
         return len(self.chars) + 1
 
     @property
-    def special_tokens(self) -> dict[str, int]:
-        return {END_OF_TEXT: len(self.chars)}
+    def end_of_text(self) -> int:
+        return len(self.chars)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
@@ -108,6 +119,9 @@ class CharTokenizer(Tokenizer):
             )
         return ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode_array(text) for text in texts]  # arrays: the caller concatenates them
+
     def decode(self, ids: Iterable[int]) -> str:
         chars, n = self.chars, len(self.chars)
         return "".join(chars[i] if i < n else END_OF_TEXT for i in ids)
@@ -119,15 +133,24 @@ class CharTokenizer(Tokenizer):
         return np.array([len(c.encode()) for c in self.chars] + [0], dtype=np.int64)
 
 
-class ByteLevelBPETokenizer(Tokenizer):
-    """GPT-2-style byte-level BPE: text is UTF-8 bytes, so every string encodes, merged into a learned vocabulary."""
+class HuggingFaceTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` tokenizer: a `bpe:N` trained here, or one loaded by name or from tokenizer.json."""
 
-    def __init__(self, backend: HFTokenizer):
+    def __init__(self, backend: HFTokenizer, spec: str):
         self.backend = backend
-        self.spec = f"bpe:{backend.get_vocab_size()}"
+        self.backend.encode_special_tokens = True  # document text is ordinary text (see the module docstring)
+        self.spec = spec
+        ids = [backend.token_to_id(name) for name in END_OF_TEXT_NAMES]
+        if all(i is None for i in ids):
+            raise TinylmError(
+                f"tokenizer '{spec}' has no end-of-text token to separate documents (looked for "
+                f"{', '.join(END_OF_TEXT_NAMES)}); use a tokenizer that has one"
+            )
+        self._end_of_text = next(i for i in ids if i is not None)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> ByteLevelBPETokenizer:
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> HuggingFaceTokenizer:
+        """GPT-2-style byte-level BPE: text is UTF-8 bytes, so every string encodes, merged into `vocab_size` tokens."""
         backend = HFTokenizer(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
@@ -138,52 +161,146 @@ class ByteLevelBPETokenizer(Tokenizer):
             show_progress=False,
         )
         backend.train_from_iterator(texts, trainer=trainer)
-        return cls(backend)
+        if backend.get_vocab_size() != vocab_size:
+            raise TinylmError(
+                f"bpe:{vocab_size}: the training text holds only {backend.get_vocab_size():,} tokens' worth of "
+                f"merges; give more training text or choose bpe:{backend.get_vocab_size()} or less"
+            )
+        return cls(backend, f"bpe:{vocab_size}")
 
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
 
     @property
-    def special_tokens(self) -> dict[str, int]:
-        return {END_OF_TEXT: self.backend.token_to_id(END_OF_TEXT)}
+    def end_of_text(self) -> int:
+        return self._end_of_text
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
     def to_json(self) -> dict:
-        return {"spec": "bpe", "tokenizer": json.loads(self.backend.to_str())}
+        return {"spec": self.spec, "tokenizer": json.loads(self.backend.to_str())}
 
     def save(self, folder: Path) -> None:
-        self.backend.save(str(folder / "tokenizer.json"))
-        (folder / TOKENIZER_FILE).write_text(json.dumps({"spec": "bpe", "file": "tokenizer.json"}))
+        self.backend.save(str(folder / HF_TOKENIZER_FILE))
+        (folder / TOKENIZER_FILE).write_text(json.dumps({"spec": self.spec, "file": HF_TOKENIZER_FILE}))
 
     def token_byte_lengths(self) -> np.ndarray:
-        # In the byte-level alphabet each byte is one character, so a token's byte count is its string length.
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
-        special = set(self.special_tokens.values())
+        special = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
+        byte_level = isinstance(self.backend.decoder, decoders.ByteLevel)
         for token, token_id in self.backend.get_vocab().items():
-            lengths[token_id] = 0 if token_id in special else len(token)
+            if token in special:
+                continue
+            if byte_level:  # in the byte-level alphabet each byte is one character
+                lengths[token_id] = len(token)
+            elif token.startswith("<0x") and token.endswith(">") and len(token) == 6:  # SentencePiece byte fallback
+                lengths[token_id] = 1
+            else:
+                lengths[token_id] = len(self.backend.decode([token_id]).encode())
         return lengths
 
 
-def train_tokenizer(spec: str, train_text: str, held_out_text: str = "") -> Tokenizer:
-    """Build the tokenizer a spec names, learning its vocabulary from the training text.
+class TiktokenTokenizer(Tokenizer):
+    """GPT-2's BPE (50,257 tokens, `<|endoftext|>` = 50256) through tiktoken, the fastest encoder for it."""
+
+    spec = "gpt2"
+
+    def __init__(self):
+        try:
+            import tiktoken
+            from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+            from tiktoken_ext.openai_public import r50k_pat_str
+        except ImportError:
+            raise TinylmError("the gpt2 tokenizer needs tiktoken: pip install tiktoken") from None
+        from tinylm.data.sources import GPT2_VOCABULARY, GPT2_VOCABULARY_FOLDER, fetch
+
+        vocab_bpe, encoder_json = (fetch(GPT2_VOCABULARY_FOLDER, remote) for remote in GPT2_VOCABULARY)
+        ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(vocab_bpe), encoder_json_file=str(encoder_json))
+        self.encoding = tiktoken.Encoding(
+            name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={END_OF_TEXT: 50256}
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoding.n_vocab
+
+    @property
+    def end_of_text(self) -> int:
+        return self.encoding.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.encoding.encode_ordinary_batch(texts, num_threads=1)  # prepare parallelises across processes
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.encoding.decode(list(ids), errors="replace")
+
+    def to_json(self) -> dict:
+        return {"spec": self.spec}
+
+    def token_byte_lengths(self) -> np.ndarray:
+        lengths = [len(self.encoding.decode_single_token_bytes(i)) for i in range(self.encoding.n_vocab)]
+        lengths[self.end_of_text] = 0
+        return np.array(lengths, dtype=np.int64)
+
+
+def train_tokenizer(spec: str, train_texts: Iterable[str], held_out_texts: Iterable[str] = ()) -> Tokenizer:
+    """Build the tokenizer a spec names, learning its vocabulary from the training text where it has one to learn.
 
     A char vocabulary also reads the held-out text: a character seen only there could not be encoded otherwise, and
     listing which characters exist teaches the model nothing. A BPE covers every byte: it learns from train text only.
     """
     if spec == "char":
-        return CharTokenizer.train([train_text, held_out_text])
-    kind, _, size = spec.partition(":")
-    if kind == "bpe":
-        if not size.isdigit() or not 257 <= int(size) <= 1 << 20:
-            raise TinylmError(f"tokenizer '{spec}': give the vocabulary size as bpe:N with N from 257, e.g. bpe:4096")
-        return ByteLevelBPETokenizer.train([train_text], int(size))
-    raise TinylmError(f"unknown tokenizer '{spec}'; choose char or bpe:N (e.g. bpe:4096)")
+        return CharTokenizer.train(itertools.chain(train_texts, held_out_texts))
+    if spec.startswith("bpe:"):
+        return HuggingFaceTokenizer.train_bpe(train_texts, bpe_vocab_size(spec))
+    return pretrained_tokenizer(spec)
+
+
+def bpe_vocab_size(spec: str) -> int:
+    size = spec.partition(":")[2]
+    if not size.isdigit() or not 257 <= int(size) <= 1 << 20:
+        raise TinylmError(f"tokenizer '{spec}': give the vocabulary size as bpe:N with N from 257, e.g. bpe:4096")
+    return int(size)
+
+
+def pretrained_tokenizer(spec: str) -> Tokenizer:
+    """A tokenizer with a fixed vocabulary: `gpt2`, `hf:NAME` or a tokenizer.json path."""
+    if spec == "gpt2":
+        return TiktokenTokenizer()
+    if spec.startswith("hf:"):
+        name = spec[3:]
+        local = Path(name).expanduser()
+        if (local / HF_TOKENIZER_FILE).is_file():
+            return HuggingFaceTokenizer(HFTokenizer.from_file(str(local / HF_TOKENIZER_FILE)), spec)
+        try:
+            return HuggingFaceTokenizer(HFTokenizer.from_pretrained(name), spec)
+        except Exception as error:  # the hub client raises many kinds: offline, unknown repo, no tokenizer.json
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise TinylmError(
+                f"cannot load the Hugging Face tokenizer '{name}' ({reason}); check the name, go online, or give "
+                "a local folder or tokenizer.json path"
+            ) from None
+    if spec.endswith(".json"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise TinylmError(f"tokenizer file not found: {path}")
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers reports a malformed file as a bare Exception
+            raise TinylmError(f"{path} is not a Hugging Face tokenizer.json ({error})") from None
+        return HuggingFaceTokenizer(backend, spec)
+    raise TinylmError(f"unknown tokenizer '{spec}'; choose {SPECS_HELP}")
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:
@@ -191,8 +308,11 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     if not path.is_file():
         raise TinylmError(f"no tokenizer in {folder} ({TOKENIZER_FILE} is missing)")
     saved = json.loads(path.read_text())
-    if saved.get("spec") == "char":
+    spec = saved.get("spec")
+    if spec == "char":
         return CharTokenizer(saved["chars"])
-    if saved.get("spec") == "bpe":
-        return ByteLevelBPETokenizer(HFTokenizer.from_file(str(folder / saved["file"])))
-    raise TinylmError(f"{path} holds an unknown tokenizer spec {saved.get('spec')!r}; upgrade tinylm to read it")
+    if spec == "gpt2":
+        return TiktokenTokenizer()
+    if "file" in saved:
+        return HuggingFaceTokenizer(HFTokenizer.from_file(str(folder / saved["file"])), spec)
+    raise TinylmError(f"{path} holds an unknown tokenizer spec {spec!r}; upgrade tinylm to read it")

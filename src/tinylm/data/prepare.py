@@ -1,28 +1,39 @@
-"""Raw text -> a tokenizer and token files: `<data_dir>/<name>-<tokenizer>/{train,val}_0000.bin` + `meta.json`.
+"""Documents -> a tokenizer and token shards: `<data_dir>/<name>-<tokenizer>/{train,val,test}_NNNN.bin` + `meta.json`.
 
-Token files are flat arrays of uint16 ids (uint32 when the vocabulary needs it), read back through memory maps.
-Preparing is skipped when `meta.json` says the same text, tokenizer and split were prepared already.
+Shards are flat arrays of token ids (uint16 when the vocabulary fits, else uint32), each document followed by the
+end-of-text token, at most `shard_tokens` per file, read back through memory maps. Documents are tokenized in batches
+by a pool of worker processes while the main process reads ahead and writes, so memory stays flat however large the
+corpus. Everything is written into a staging folder renamed into place at the end: an interrupted prepare leaves
+nothing a later run would trust. Preparing is skipped when `meta.json` records the same inputs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
+from collections import deque
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from tinylm.config import DataConfig
+from tinylm.data.documents import DocumentSource, open_source
 from tinylm.data.loader import TokenShards
-from tinylm.data.sources import cache_dir, read_source_text
+from tinylm.data.sources import cache_dir
 from tinylm.errors import TinylmError
 from tinylm.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
 
-FORMAT_VERSION = 1
-SPLITS = ("train", "val")
+FORMAT_VERSION = 2
+META_FILE = "meta.json"
+BATCH_CHARS = 1 << 20  # text per task sent to a worker: large enough to amortise the hand-over
+DTYPES = {"uint16": np.dtype(np.uint16), "uint32": np.dtype(np.uint32)}
 
 
 @dataclass
@@ -32,65 +43,239 @@ class PreparedData:
     tokenizer: Tokenizer
 
     def split(self, name: str) -> TokenShards:
+        if name not in self.meta["splits"]:
+            raise TinylmError(
+                f"the data in {self.folder} has no '{name}' split; it has {', '.join(self.meta['splits'])}"
+            )
         info = self.meta["splits"][name]
         return TokenShards([self.folder / f for f in info["files"]], np.dtype(self.meta["dtype"]))
 
-
-def split_text(text: str, val_fraction: float) -> tuple[str, str]:
-    """The first (1 - val_fraction) of the characters train, the rest validate: the same split every time."""
-    cut = int(len(text) * (1 - val_fraction))
-    return text[:cut], text[cut:]
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Refuse to pair a model with data tokenized by another vocabulary: its ids would mean other text."""
+        if self.meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
+            raise TinylmError(
+                f"the data in {self.folder} was tokenized with another vocabulary ({self.meta['tokenizer']['spec']}, "
+                f"fingerprint {self.meta['tokenizer']['fingerprint']}) than this run's ({tokenizer.spec}, "
+                f"{tokenizer.fingerprint()}); use data prepared with the run's tokenizer"
+            )
 
 
 def prepare(config: DataConfig, force: bool = False) -> PreparedData:
-    """Tokenize the source into token files, or reuse those prepared from the same inputs (unless `force`)."""
-    text, name = read_source_text(config.source)
+    """Tokenize the source into token shards, or reuse those prepared from the same inputs (unless `force`)."""
+    source = open_source(config)
     inputs = hashlib.sha256(
-        f"{FORMAT_VERSION}|{config.tokenizer}|{config.val_fraction}|".encode() + text.encode()
+        json.dumps(
+            [
+                FORMAT_VERSION,
+                source.fingerprint,
+                config.tokenizer,
+                config.val_fraction,
+                config.shard_tokens,
+                config.token_dtype,
+                config.text_field,
+                config.encoding_errors,
+            ]
+        ).encode()
     ).hexdigest()
     data_dir = Path(config.data_dir).expanduser() if config.data_dir else cache_dir() / "data"
-    folder = data_dir / f"{name}-{config.tokenizer.replace(':', '').replace('/', '_')}"
-    meta_path = folder / "meta.json"
+    folder = data_dir / f"{source.name}-{config.tokenizer.replace(':', '').replace('/', '_')}"
+    meta_path = folder / META_FILE
     if meta_path.is_file() and not force:
         meta = json.loads(meta_path.read_text())
         if meta.get("inputs") == inputs:
             return PreparedData(folder, meta, load_tokenizer(folder))
 
-    splits = dict(zip(SPLITS, split_text(text, config.val_fraction)))
-    for split, part in splits.items():
-        if not part.strip():
-            raise TinylmError(
-                f"the {split} split of {config.source} is empty; give more text or change data.val_fraction"
-            )
-    tokenizer = train_tokenizer(config.tokenizer, splits["train"], held_out_text=splits["val"])
-    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
-
+    _remove_abandoned_staging(folder)
     staging = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    meta = {
-        "format": FORMAT_VERSION,
-        "source": config.source,
-        "inputs": inputs,
-        "tokenizer": {"spec": tokenizer.spec, "fingerprint": tokenizer.fingerprint()},
-        "vocab_size": tokenizer.vocab_size,
-        "dtype": dtype.name,
-        "val_fraction": config.val_fraction,
-        "splits": {},
-    }
-    for split, part in splits.items():
-        file_name = f"{split}_0000.bin"
-        ids = np.asarray(tokenizer.encode(part), dtype=dtype)
-        ids.tofile(staging / file_name)
-        meta["splits"][split] = {
-            "files": [file_name],
-            "tokens": int(ids.size),
-            "bytes": len(part.encode()),
-            "chars": len(part),
-            "documents": 1,
+    try:
+        tokenizer = train_tokenizer(
+            config.tokenizer, source.split_documents("train"), held_out_texts=source.split_documents("val", "test")
+        )
+        tokenizer.save(staging)
+        dtype = token_dtype(tokenizer, config.token_dtype)
+        splits = write_shards(source, staging, dtype, config.shard_tokens, config.num_proc or available_cpus())
+        for split in ("train", "val"):
+            if splits.get(split, {}).get("tokens", 0) < 2:
+                raise TinylmError(
+                    f"the {split} split of {config.source} is empty; give more text or change data.val_fraction"
+                )
+        meta = {
+            "format": FORMAT_VERSION,
+            "source": config.source,
+            "subset": config.subset,
+            "inputs": inputs,
+            "tokenizer": {"spec": tokenizer.spec, "fingerprint": tokenizer.fingerprint()},
+            "vocab_size": tokenizer.vocab_size,
+            "end_of_text": tokenizer.end_of_text,
+            "dtype": dtype.name,
+            "val_fraction": config.val_fraction,
+            "shard_tokens": config.shard_tokens,
+            "splits": splits,
         }
-    tokenizer.save(staging)
-    (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(folder, ignore_errors=True)  # stale data from other inputs
     os.replace(staging, folder)
     return PreparedData(folder, meta, tokenizer)
+
+
+def token_dtype(tokenizer: Tokenizer, requested: str) -> np.dtype:
+    fits_uint16 = tokenizer.vocab_size <= 1 << 16
+    if requested == "auto":
+        return DTYPES["uint16" if fits_uint16 else "uint32"]
+    if requested == "uint16" and not fits_uint16:
+        raise TinylmError(
+            f"the {tokenizer.spec} tokenizer has {tokenizer.vocab_size:,} tokens, more than uint16 holds (65,536); "
+            "use data.token_dtype uint32 or auto"
+        )
+    return DTYPES[requested]
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def write_shards(source: DocumentSource, folder: Path, dtype: np.dtype, shard_tokens: int, num_proc: int) -> dict:
+    """Tokenize every document into per-split shards in `folder`; the counts of each split, for meta.json."""
+    writers: dict[str, ShardWriter] = {}
+    counts: dict[str, dict[str, int]] = {}
+    bar = tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc=f"tokenizing {source.name}", disable=None)
+    with bar:
+        for split, batch, ids in _encoded_batches(_batches(source.documents()), folder, dtype, num_proc):
+            if split not in writers:
+                writers[split] = ShardWriter(folder, split, dtype, shard_tokens)
+                counts[split] = {"documents": 0, "bytes": 0, "chars": 0}
+            writers[split].write(ids)
+            batch_bytes = sum(len(document.encode()) for document in batch)
+            counts[split]["documents"] += len(batch)
+            counts[split]["bytes"] += batch_bytes
+            counts[split]["chars"] += sum(len(document) for document in batch)
+            bar.update(batch_bytes)
+    return {
+        split: {"files": writer.close(), "tokens": writer.tokens, **counts[split]} for split, writer in writers.items()
+    }
+
+
+def _batches(documents: Iterable[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
+    """Consecutive documents of one split, about BATCH_CHARS of text per batch."""
+    batch: list[str] = []
+    batch_split, chars = "", 0
+    for split, document in documents:
+        if batch and (split != batch_split or chars >= BATCH_CHARS):
+            yield batch_split, batch
+            batch, chars = [], 0
+        batch.append(document)
+        batch_split = split
+        chars += len(document)
+    if batch:
+        yield batch_split, batch
+
+
+def _encoded_batches(
+    batches: Iterator[tuple[str, list[str]]], folder: Path, dtype: np.dtype, num_proc: int
+) -> Iterator[tuple[str, list[str], np.ndarray]]:
+    """Each batch with its token ids, in order. Workers encode; at most 2 batches per worker are in flight."""
+    if num_proc <= 1:
+        _start_worker(folder)
+        for split, batch in batches:
+            yield split, batch, _encode_documents(batch, dtype)
+        return
+    context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+    with _tokenizers_parallelism_off(), context.Pool(num_proc, initializer=_start_worker, initargs=(folder,)) as pool:
+        in_flight: deque = deque()
+        for split, batch in batches:
+            in_flight.append((split, batch, pool.apply_async(_encode_documents, (batch, dtype))))
+            if len(in_flight) >= 2 * num_proc:
+                done_split, done_batch, result = in_flight.popleft()
+                yield done_split, done_batch, result.get()
+        while in_flight:
+            done_split, done_batch, result = in_flight.popleft()
+            yield done_split, done_batch, result.get()
+
+
+@contextmanager
+def _tokenizers_parallelism_off() -> Iterator[None]:
+    """Workers forked from a process whose BPE training used threads must not use them (the pool is the
+    parallelism); saying so in the environment they inherit also spares the user tokenizers' fork warning."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _start_worker(folder: Path) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(folder)
+
+
+def _encode_documents(documents: list[str], dtype: np.dtype) -> np.ndarray:
+    """The documents' ids, each document followed by the end-of-text token."""
+    tokenizer = _worker_tokenizer
+    end = np.array([tokenizer.end_of_text], dtype=dtype)
+    pieces = []
+    for ids in tokenizer.encode_batch(documents):
+        pieces.append(np.asarray(ids, dtype=dtype))
+        pieces.append(end)
+    return np.concatenate(pieces)
+
+
+class ShardWriter:
+    """Appends token ids to `<split>_0000.bin`, `<split>_0001.bin`, ..., starting a new file every `shard_tokens`."""
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.files: list[str] = []
+        self.tokens = 0
+        self._file = None
+        self._room = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        while ids.size:
+            if self._room == 0:
+                self._next_file()
+            part, ids = ids[: self._room], ids[self._room :]
+            part.tofile(self._file)
+            self._room -= part.size
+            self.tokens += part.size
+
+    def _next_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self.files.append(f"{self.split}_{len(self.files):04d}.bin")
+        self._file = open(self.folder / self.files[-1], "wb")  # noqa: SIM115 (closed by the next file or close())
+        self._room = self.shard_tokens
+
+    def close(self) -> list[str]:
+        if self._file is not None:
+            self._file.close()
+        return self.files
+
+
+def _remove_abandoned_staging(folder: Path) -> None:
+    """Staging folders left by a prepare that was killed (its process is gone) are deleted, never used."""
+    for staging in folder.parent.glob(f"{folder.name}.tmp-*"):
+        pid = staging.name.rpartition("-")[2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,322 @@
+"""Files -> documents, each tagged with its split, streamed so a corpus of any size never sits in memory whole.
+
+What a document is depends on the file:
+- `.txt`: documents separated by `<|endoftext|>` (TinyStories); a file without separators is one document;
+- `.raw` (WikiText's raw format): one document per article, an article starting at its ` = Title = ` line;
+- `.jsonl`: one document per line, from its text field; `.json`: a list of strings or of objects with the text field;
+- `.parquet`: one document per row of the text column;
+- `hf:owner/name[:config]`: one document per row of a Hugging Face dataset, streamed.
+
+Sources with official splits (TinyStories' valid file, WikiText's valid and test) keep them. Otherwise the documents
+are split by `val_fraction`: evenly spread, documents 0, k, 2k, ... (k about 1 / val_fraction) are held out; a source
+that is a single document (Tiny Shakespeare) holds out its last `val_fraction` of characters, as nanoGPT does.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinylm.config import DataConfig
+from tinylm.data.sources import SOURCES, fetch, source_files
+from tinylm.errors import TinylmError
+from tinylm.tokenizers import END_OF_TEXT
+
+FILE_SUFFIXES = (".txt", ".raw", ".jsonl", ".json", ".parquet")
+SPLIT_NAMES = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
+WIKITEXT_ARTICLE = re.compile(r"^ = [^=].* = $")
+READ_BYTES = 1 << 22
+
+
+@dataclass
+class DocumentSource:
+    """Where prepared data comes from: its name, a fingerprint of its inputs, and its documents by split."""
+
+    name: str
+    fingerprint: str
+    """Changes whenever the input text may have changed: prepared data is reused only while it stays the same."""
+    total_bytes: int | None
+    """Bytes to read, for the progress bar (None when unknown, as for a streamed dataset)."""
+    read: Callable[[], Iterator[tuple[str | None, str]]]
+    """Yields (split or None, document); None means "split by val_fraction"."""
+    val_fraction: float
+
+    def documents(self) -> Iterator[tuple[str, str]]:
+        """Every document with its split, in a deterministic order."""
+        first: str | None = None  # held back until a second one shows the source is not a single document
+        unsplit_count = 0
+        for split, document in self.read():
+            if split is not None:
+                yield split, document
+                continue
+            if unsplit_count == 0:
+                first = document
+            else:
+                if unsplit_count == 1:
+                    yield self._split_of(0), first
+                yield self._split_of(unsplit_count), document
+            unsplit_count += 1
+        if unsplit_count == 1:  # a single document: its tail validates
+            cut = int(len(first) * (1 - self.val_fraction))
+            yield "train", first[:cut]
+            yield "val", first[cut:]
+
+    def _split_of(self, index: int) -> str:
+        f = self.val_fraction
+        return "val" if math.ceil((index + 1) * f) > math.ceil(index * f) else "train"
+
+    def split_documents(self, *splits: str) -> Iterator[str]:
+        return (document for split, document in self.documents() if split in splits)
+
+
+def open_source(config: DataConfig) -> DocumentSource:
+    """The documents of `config.source`: a registry dataset (and subset), a file or folder, or `hf:NAME[:CONFIG]`."""
+    source, field, errors = config.source, config.text_field, config.encoding_errors
+    if source.startswith("hf:"):
+        return _huggingface_source(source[3:], field, config.val_fraction)
+    if source in SOURCES:
+        dataset = SOURCES[source]
+        remotes = source_files(dataset, config.subset)
+        paths = [(remote.split, fetch(dataset.folder, remote)) for remote in remotes]
+        name = dataset.name if config.subset is None else f"{dataset.name}-{config.subset}"
+        fingerprint = "|".join(remote.sha256 for remote in remotes)
+
+        def read() -> Iterator[tuple[str | None, str]]:
+            for split, path in paths:
+                for document in _reader_for_file(path)(path, field, errors):
+                    yield split, document
+
+        return DocumentSource(name, fingerprint, sum(p.stat().st_size for _, p in paths), read, config.val_fraction)
+    if config.subset is not None:
+        raise TinylmError(f"data.subset applies to registry datasets ({', '.join(SOURCES)}), not to {source}")
+    path = Path(source).expanduser()
+    if not path.exists():
+        if path.suffix in FILE_SUFFIXES:
+            raise TinylmError(f"data file not found: {path}")
+        raise TinylmError(
+            f"unknown dataset '{source}'; choose one of: {', '.join(SOURCES)}, a .txt/.jsonl/.json/.parquet file or "
+            "folder of them, or hf:owner/name for a Hugging Face dataset"
+        )
+    files = _files_in(path)
+
+    def read_files() -> Iterator[tuple[str | None, str]]:
+        for file in files:
+            for document in _reader_for_file(file)(file, field, errors):
+                yield None, document
+
+    name = path.stem if path.is_file() else path.name
+    total_bytes = sum(f.stat().st_size for f in files)
+    return DocumentSource(name, _files_fingerprint(path, files), total_bytes, read_files, config.val_fraction)
+
+
+def _files_in(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix not in FILE_SUFFIXES:
+            raise TinylmError(f"cannot read {path}: tinylm reads {', '.join(FILE_SUFFIXES)} files")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
+    if not files:
+        raise TinylmError(f"{path} holds no {', '.join(FILE_SUFFIXES)} files")
+    return files
+
+
+def _files_fingerprint(root: Path, files: list[Path]) -> str:
+    """A hash of the files' names and contents: prepared data is redone when any of them changes."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}|".encode())
+        with open(file, "rb") as f:
+            while block := f.read(READ_BYTES):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+Reader = Callable[[Path, str, str], Iterator[str]]
+
+
+def _reader_for_file(path: Path) -> Reader:
+    readers = {".txt": read_text, ".raw": read_wikitext, ".jsonl": read_jsonl, ".json": read_json_list}
+    return readers.get(path.suffix, read_parquet)
+
+
+def decoded_chunks(path: Path, errors: str) -> Iterator[str]:
+    """The file's text in pieces of a few MB, decoded as UTF-8; a bad byte is reported with its offset."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(READ_BYTES)
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as error:
+                raise TinylmError(
+                    f"{path} is not UTF-8 text: bad byte at offset {offset + error.start - len(decoder.getstate()[0])}"
+                    "; convert it to UTF-8, or pass --errors replace (data.encoding_errors) to replace bad bytes"
+                ) from None
+            offset += len(block)
+            if text:
+                yield text
+            if not block:
+                return
+
+
+def read_text(path: Path, field: str = "text", errors: str = "strict") -> Iterator[str]:
+    """Documents separated by `<|endoftext|>`, with the whitespace around separators dropped; else the whole file."""
+    parts: list[str] = []  # the document being read, in chunks: joined only when a separator ends it
+    tail = ""  # the last characters read, where a separator cut by a chunk boundary begins
+    separated = False
+    for chunk in decoded_chunks(path, errors):
+        if END_OF_TEXT not in tail + chunk:
+            parts.append(chunk)
+            tail = (tail + chunk)[1 - len(END_OF_TEXT) :]
+            continue
+        *documents, rest = ("".join(parts) + chunk).split(END_OF_TEXT)
+        separated = True
+        for document in documents:
+            if document.strip():
+                yield document.strip()
+        parts, tail = [rest], rest[1 - len(END_OF_TEXT) :]
+    last = "".join(parts)
+    if not separated and not last.strip():
+        raise TinylmError(f"data file is empty: {path}; give a file with text in it")
+    if last.strip():
+        yield last.strip() if separated else last
+
+
+def read_wikitext(path: Path, field: str = "text", errors: str = "strict") -> Iterator[str]:
+    """WikiText's raw files: one document per article; lines stay as they are, blank lines around articles go."""
+    article: list[str] = []
+    for line in _lines(decoded_chunks(path, errors)):
+        if WIKITEXT_ARTICLE.match(line.rstrip("\n")):
+            if "".join(article).strip():
+                yield "".join(article).rstrip()
+            article = []
+        if article or line.strip():
+            article.append(line)
+    if "".join(article).strip():
+        yield "".join(article).rstrip()
+
+
+def _lines(chunks: Iterable[str]) -> Iterator[str]:
+    pending = ""
+    for chunk in chunks:
+        *lines, pending = (pending + chunk).split("\n")
+        for line in lines:
+            yield line + "\n"
+    if pending:
+        yield pending
+
+
+def read_jsonl(path: Path, field: str = "text", errors: str = "strict") -> Iterator[str]:
+    offset = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8", errors=errors)
+            except UnicodeDecodeError as error:
+                raise TinylmError(
+                    f"{path}:{number}: not UTF-8 (bad byte at offset {offset + error.start}); convert it to UTF-8, "
+                    "or pass --errors replace (data.encoding_errors)"
+                ) from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise TinylmError(f"{path}:{number}: not valid JSON ({error.msg}); fix or remove that line") from None
+            text = _text_of(record, field, f"{path}:{number}")
+            if text.strip():
+                yield text
+
+
+def read_json_list(path: Path, field: str = "text", errors: str = "strict") -> Iterator[str]:
+    try:
+        records = json.loads(path.read_bytes().decode("utf-8", errors=errors))
+    except UnicodeDecodeError as error:
+        raise TinylmError(f"{path} is not UTF-8 text: bad byte at offset {error.start}; convert it to UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise TinylmError(
+            f"{path}:{error.lineno}: not valid JSON ({error.msg}); a .json file holds one list of documents"
+        ) from None
+    if not isinstance(records, list):
+        raise TinylmError(
+            f"{path} holds a JSON {type(records).__name__}, not a list of documents; use .jsonl for one per line"
+        )
+    for index, record in enumerate(records):
+        text = record if isinstance(record, str) else _text_of(record, field, f"{path} item {index}")
+        if text.strip():
+            yield text
+
+
+def _text_of(record: object, field: str, where: str) -> str:
+    if not isinstance(record, dict) or field not in record:
+        fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+        raise TinylmError(f"{where}: no '{field}' field (it has: {fields}); name the text field with --text-field")
+    text = record[field]
+    if not isinstance(text, str):
+        raise TinylmError(f"{where}: field '{field}' holds {type(text).__name__}, not text")
+    return text
+
+
+def read_parquet(path: Path, field: str = "text", errors: str = "strict") -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise TinylmError("reading .parquet files needs pyarrow: pip install 'tinylm[hf]'") from None
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as error:  # pyarrow raises ArrowInvalid and OSError for files that are not parquet
+        raise TinylmError(f"{path} is not a readable parquet file ({error})") from None
+    columns = table.schema_arrow.names
+    if field not in columns:
+        raise TinylmError(f"{path} has no '{field}' column (it has: {', '.join(columns)}); set --text-field")
+    for batch in table.iter_batches(batch_size=4096, columns=[field]):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, str) and text.strip():
+                yield text
+
+
+def _huggingface_source(spec: str, field: str, val_fraction: float) -> DocumentSource:
+    """A Hugging Face dataset `owner/name[:config]` (or a local folder of data files), streamed by `datasets`."""
+    if os.environ.get("TINYLM_OFFLINE"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail at once rather than after network retries
+    try:
+        import datasets
+    except ImportError:
+        raise TinylmError("Hugging Face datasets need the `datasets` package: pip install 'tinylm[hf]'") from None
+    name, _, subset = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    try:
+        loaded = datasets.load_dataset(name, subset or None, streaming=True)
+    except Exception as error:  # datasets raises many kinds: offline, unknown repository, bad config name
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise TinylmError(
+            f"cannot load the Hugging Face dataset '{spec}' ({reason}); check the name and config, go online, or "
+            "give a local file"
+        ) from None
+    splits = {SPLIT_NAMES[s]: s for s in loaded if s in SPLIT_NAMES}
+    if "train" not in splits:
+        raise TinylmError(f"the Hugging Face dataset '{spec}' has no train split (it has: {', '.join(loaded)})")
+    columns = loaded[splits["train"]].column_names
+    if columns is not None and field not in columns:
+        raise TinylmError(f"'{spec}' has no '{field}' column (it has: {', '.join(columns)}); set --text-field")
+    has_val = "val" in splits
+
+    def read() -> Iterator[tuple[str | None, str]]:
+        for split, hf_split in splits.items():
+            for index, record in enumerate(loaded[hf_split]):
+                text = _text_of(record, field, f"{spec} {hf_split} row {index}")
+                if text.strip():
+                    yield (None if split == "train" and not has_val else split), text
+
+    local = Path(spec)
+    if local.exists():
+        return DocumentSource(f"hf-{local.name}", _files_fingerprint(local, _files_in(local)), None, read, val_fraction)
+    return DocumentSource(f"hf-{spec.replace('/', '_').replace(':', '-')}", f"hf:{spec}", None, read, val_fraction)
