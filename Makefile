@@ -37,6 +37,7 @@ lint: $(VENV)/.installed-dev
 
 bench: setup
 	$(BIN)/python bench/shakespeare_char.py --repeats 2
+	$(BIN)/python bench/tokenize_tinystories.py
 
 gpu-check: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m gpu -rs

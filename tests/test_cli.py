@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -204,3 +205,38 @@ def test_prepare_reports_the_token_files_and_reuses_them(text_file, tmp_path, ca
     assert_one_line_error(code, err, "unknown tokenizer 'wordpiece'")
     code, _, err = run_cli(capsys, "prepare", str(text_file), "--val-fraction", "1.5")
     assert_one_line_error(code, err, "data.val_fraction must be between 0 and 1")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "options", "expected"),
+    [
+        ("latin1.txt", "café".encode("latin-1") * 50, [], "latin1.txt is not UTF-8 text: bad byte at offset 3"),
+        ("empty.txt", b"", [], "data file is empty"),
+        ("rows.jsonl", b'{"text": "a"}\n{"text": "b",}\n', [], "rows.jsonl:2: not valid JSON"),
+        ("rows.jsonl", b'{"body": "a"}\n', [], "rows.jsonl:1: no 'text' field (it has: body)"),
+        ("rows.jsonl", b'{"body": "a"}\n', ["--text-field", "story"], "rows.jsonl:1: no 'story' field"),
+        ("ok.txt", b"some text " * 50, ["--tokenizer", "bpe:lots"], "give the vocabulary size as bpe:N"),
+        ("ok.txt", b"some text " * 50, ["--tokenizer", "sentencepiece"], "unknown tokenizer 'sentencepiece'"),
+        ("ok.txt", b"some text " * 50, ["--token-dtype", "uint8"], "expects one of 'auto', 'uint16', 'uint32'"),
+    ],
+)
+def test_bad_data_gets_one_line_and_leaves_nothing(tmp_path, capsys, name, content, options, expected):
+    (tmp_path / name).write_bytes(content)
+    code, _, err = run_cli(capsys, "prepare", str(tmp_path / name), "--data-dir", str(tmp_path / "data"), *options)
+    assert_one_line_error(code, err, expected)
+    assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())
+
+
+def test_errors_replace_prepares_text_that_is_not_utf8(tmp_path, capsys):
+    (tmp_path / "latin1.txt").write_bytes("café crème ".encode("latin-1") * 50)
+    code, out, _ = run_cli(capsys, "prepare", str(tmp_path / "latin1.txt"), "--errors", "replace")
+    assert code == 0 and "train:" in out
+
+
+def test_prepare_reports_shards_and_documents_per_split(needs_mirror, tmp_path, capsys):
+    args = ("prepare", "wikitext2", "--subset", "valid", "--tokenizer", "gpt2", "--shard-tokens", "100000")
+    code, out, _ = run_cli(capsys, *args, "--data-dir", str(tmp_path), "--num-proc", "2")
+    assert code == 0
+    assert "gpt2 tokenizer, vocabulary 50,257, uint16" in out
+    assert re.search(r"train: [\d,]+ tokens in 3 shard\(s\), 54 documents", out), out
+    assert re.search(r"val: [\d,]+ tokens in 1 shard\(s\), 6 documents", out), out

@@ -37,26 +37,30 @@ def shard_tokens(data, split: str) -> list[int]:
 
 def documents_of(config: DataConfig) -> dict[str, list[str]]:
     by_split: dict[str, list[str]] = {}
-    for split, document in open_source(config).documents():
-        by_split.setdefault(split, []).append(document)
+    for split, block in open_source(config).documents():
+        by_split.setdefault(split, []).extend(block)
     return by_split
 
 
+def flat(blocks) -> list[str]:
+    return [document for block in blocks for document in block]
+
+
 def test_documents_are_the_texts_between_separators(stories_file):
-    assert list(read_text(stories_file)) == STORIES
+    assert flat(read_text(stories_file)) == STORIES
 
 
 def test_a_separator_cut_by_a_read_boundary_still_separates(tmp_path, monkeypatch):
     monkeypatch.setattr("tinylm.data.documents.READ_BYTES", 7)
     path = tmp_path / "s.txt"
     path.write_text("first story<|endoftext|>second story<|endoftext|>third")
-    assert list(read_text(path)) == ["first story", "second story", "third"]
+    assert flat(read_text(path)) == ["first story", "second story", "third"]
 
 
 def test_a_file_without_separators_is_one_document_kept_verbatim(tmp_path):
     path = tmp_path / "play.txt"
     path.write_text("  ROMEO:\nBut soft!\n\n")
-    assert list(read_text(path)) == ["  ROMEO:\nBut soft!\n\n"]
+    assert flat(read_text(path)) == ["  ROMEO:\nBut soft!\n\n"]
 
 
 def test_wikitext_is_split_into_articles(tmp_path):
@@ -64,7 +68,7 @@ def test_wikitext_is_split_into_articles(tmp_path):
     path.write_text(
         " \n = Alpha = \n \n Alpha text . \n \n = = Section = = \n More . \n \n = Beta = \n \n Beta text . \n"
     )
-    articles = list(read_wikitext(path))
+    articles = flat(read_wikitext(path))
     assert len(articles) == 2
     assert articles[0].startswith(" = Alpha = \n") and "= = Section = =" in articles[0]
     assert articles[1] == " = Beta = \n \n Beta text ."

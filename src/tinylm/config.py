@@ -295,7 +295,9 @@ def explain_parse_error(message: str) -> str:
     if wrong_type:
         key = wrong_type.group(1) or wrong_type.group(3)
         value = (wrong_type.group(2) or wrong_type.group(4)).strip()
-        return f"config key '{key}' expects {_type_name(key)}, got {value!r}"
+        choices = re.search(r"Literal\[(.*?)\]", message)
+        expected = f"one of {choices.group(1)}" if choices else _type_name(key)
+        return f"config key '{key}' expects {expected}, got {value!r}"
     return message.strip().splitlines()[0]
 
 

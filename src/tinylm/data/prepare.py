@@ -95,7 +95,9 @@ def prepare(config: DataConfig, force: bool = False) -> PreparedData:
         )
         tokenizer.save(staging)
         dtype = token_dtype(tokenizer, config.token_dtype)
-        splits = write_shards(source, staging, dtype, config.shard_tokens, config.num_proc or available_cpus())
+        splits = write_shards(
+            source, tokenizer, staging, dtype, config.shard_tokens, config.num_proc or available_cpus()
+        )
         for split in ("train", "val"):
             if splits.get(split, {}).get("tokens", 0) < 2:
                 raise TinylmError(
@@ -139,70 +141,80 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def write_shards(source: DocumentSource, folder: Path, dtype: np.dtype, shard_tokens: int, num_proc: int) -> dict:
+def write_shards(
+    source: DocumentSource, tokenizer: Tokenizer, folder: Path, dtype: np.dtype, shard_tokens: int, num_proc: int
+) -> dict:
     """Tokenize every document into per-split shards in `folder`; the counts of each split, for meta.json."""
     writers: dict[str, ShardWriter] = {}
     counts: dict[str, dict[str, int]] = {}
     bar = tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc=f"tokenizing {source.name}", disable=None)
     with bar:
-        for split, batch, ids in _encoded_batches(_batches(source.documents()), folder, dtype, num_proc):
+        batches = _encoded_batches(_batches(source.documents()), tokenizer, folder, dtype, num_proc)
+        for split, batch, (ids, batch_bytes) in batches:
             if split not in writers:
                 writers[split] = ShardWriter(folder, split, dtype, shard_tokens)
                 counts[split] = {"documents": 0, "bytes": 0, "chars": 0}
             writers[split].write(ids)
-            batch_bytes = sum(len(document.encode()) for document in batch)
             counts[split]["documents"] += len(batch)
             counts[split]["bytes"] += batch_bytes
             counts[split]["chars"] += sum(len(document) for document in batch)
             bar.update(batch_bytes)
+    in_order = sorted(writers, key=("train", "val", "test").index)
     return {
-        split: {"files": writer.close(), "tokens": writer.tokens, **counts[split]} for split, writer in writers.items()
+        split: {"files": writers[split].close(), "tokens": writers[split].tokens, **counts[split]} for split in in_order
     }
 
 
-def _batches(documents: Iterable[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
-    """Consecutive documents of one split, about BATCH_CHARS of text per batch."""
-    batch: list[str] = []
-    batch_split, chars = "", 0
-    for split, document in documents:
-        if batch and (split != batch_split or chars >= BATCH_CHARS):
-            yield batch_split, batch
-            batch, chars = [], 0
-        batch.append(document)
-        batch_split = split
-        chars += len(document)
-    if batch:
-        yield batch_split, batch
+def _batches(blocks: Iterable[tuple[str, list[str]]]) -> Iterator[tuple[str, list[str]]]:
+    """Documents in batches of about BATCH_CHARS of text, one split per batch, each split's documents in order."""
+    pending: dict[str, list[str]] = {}
+    chars: dict[str, int] = {}
+    for split, block in blocks:
+        pending.setdefault(split, []).extend(block)
+        chars[split] = chars.get(split, 0) + sum(map(len, block))
+        if chars[split] >= BATCH_CHARS:
+            yield split, pending.pop(split)
+            chars[split] = 0
+    yield from ((split, batch) for split, batch in pending.items() if batch)
 
 
 def _encoded_batches(
-    batches: Iterator[tuple[str, list[str]]], folder: Path, dtype: np.dtype, num_proc: int
-) -> Iterator[tuple[str, list[str], np.ndarray]]:
-    """Each batch with its token ids, in order. Workers encode; at most 2 batches per worker are in flight."""
-    if num_proc <= 1:
-        _start_worker(folder)
-        for split, batch in batches:
-            yield split, batch, _encode_documents(batch, dtype)
-        return
-    context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-    with _tokenizers_parallelism_off(), context.Pool(num_proc, initializer=_start_worker, initargs=(folder,)) as pool:
-        in_flight: deque = deque()
-        for split, batch in batches:
-            in_flight.append((split, batch, pool.apply_async(_encode_documents, (batch, dtype))))
-            if len(in_flight) >= 2 * num_proc:
+    batches: Iterator[tuple[str, list[str]]], tokenizer: Tokenizer, folder: Path, dtype: np.dtype, num_proc: int
+) -> Iterator[tuple[str, list[str], tuple[np.ndarray, int]]]:
+    """Each batch with its token ids, in order: encoded by `num_proc` forked workers (at most 2 batches each in
+    flight), or in this process when there is one worker or the tokenizer's batches already use every core."""
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer  # for this process, and for workers forked from it
+    try:
+        if num_proc <= 1 or tokenizer.batches_use_every_core:
+            with _tokenizers_parallelism(num_proc > 1):
+                for split, batch in batches:
+                    yield split, batch, _encode_documents(batch, dtype)
+            return
+        fork = os.name == "posix"
+        context = multiprocessing.get_context("fork" if fork else "spawn")
+        initializer = None if fork else _load_worker_tokenizer  # spawned workers start empty: they load it
+        # Workers forked from a process whose BPE training used threads must not use them (the pool is the
+        # parallelism); saying so in the environment they inherit also spares the user tokenizers' fork warning.
+        with _tokenizers_parallelism(False), context.Pool(num_proc, initializer, (folder,)) as pool:
+            in_flight: deque = deque()
+            for split, batch in batches:
+                in_flight.append((split, batch, pool.apply_async(_encode_documents, (batch, dtype))))
+                if len(in_flight) >= 2 * num_proc:
+                    done_split, done_batch, result = in_flight.popleft()
+                    yield done_split, done_batch, result.get()
+            while in_flight:
                 done_split, done_batch, result = in_flight.popleft()
                 yield done_split, done_batch, result.get()
-        while in_flight:
-            done_split, done_batch, result = in_flight.popleft()
-            yield done_split, done_batch, result.get()
+    finally:
+        _worker_tokenizer = None
 
 
 @contextmanager
-def _tokenizers_parallelism_off() -> Iterator[None]:
-    """Workers forked from a process whose BPE training used threads must not use them (the pool is the
-    parallelism); saying so in the environment they inherit also spares the user tokenizers' fork warning."""
+def _tokenizers_parallelism(enabled: bool) -> Iterator[None]:
+    """Hugging Face tokenizers' own threads on or off, for the duration."""
     before = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if enabled else "false"
     try:
         yield
     finally:
@@ -215,20 +227,21 @@ def _tokenizers_parallelism_off() -> Iterator[None]:
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _start_worker(folder: Path) -> None:
+def _load_worker_tokenizer(folder: Path) -> None:
     global _worker_tokenizer
     _worker_tokenizer = load_tokenizer(folder)
 
 
-def _encode_documents(documents: list[str], dtype: np.dtype) -> np.ndarray:
-    """The documents' ids, each document followed by the end-of-text token."""
+def _encode_documents(documents: list[str], dtype: np.dtype) -> tuple[np.ndarray, int]:
+    """The documents' ids, each document followed by the end-of-text token, and their UTF-8 size (counted here, in
+    the worker, to keep the main process free)."""
     tokenizer = _worker_tokenizer
     end = np.array([tokenizer.end_of_text], dtype=dtype)
     pieces = []
     for ids in tokenizer.encode_batch(documents):
         pieces.append(np.asarray(ids, dtype=dtype))
         pieces.append(end)
-    return np.concatenate(pieces)
+    return np.concatenate(pieces), sum(len(document.encode()) for document in documents)
 
 
 class ShardWriter:
