@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -11,11 +12,12 @@ from conftest import tiny_overrides
 import tinylm
 from tinylm.config import DataConfig
 from tinylm.data import prepare as prepare_module
+from tinylm.data import sources
 from tinylm.data.documents import open_source, read_text, read_wikitext
 from tinylm.data.loader import TokenShards
 from tinylm.data.prepare import prepare, token_dtype
 from tinylm.errors import TinylmError
-from tinylm.tokenizers import CharTokenizer
+from tinylm.tokenizers import CharTokenizer, train_tokenizer
 
 STORIES = [f"Story {i}: Tom saw a {'big ' * (i % 4)}dog. 🙂 It was fun.\nThe end." for i in range(40)]
 
@@ -78,6 +80,14 @@ def test_the_real_wikitext_validation_file_has_its_60_articles(needs_mirror):
     documents = documents_of(DataConfig(source="wikitext2", subset="valid"))
     assert len(documents["train"]) + len(documents["val"]) == 60
     assert documents["val"][0].startswith(" = Homarus gammarus = ")
+
+
+def test_prepared_data_needs_no_raw_files_again(needs_mirror, monkeypatch):
+    config = DataConfig(source="wikitext2", subset="test", tokenizer="bpe:1024")
+    first = prepare(config)
+    monkeypatch.delenv("TINYLM_DATASETS_MIRROR")
+    (sources.cache_dir() / "datasets" / "wikitext-2-raw" / "wiki.test.raw").unlink()  # deleted to save space
+    assert prepare(config).meta == first.meta
 
 
 def test_the_real_tinystories_part_has_its_stories(needs_mirror):
@@ -211,6 +221,22 @@ def test_preparing_again_is_a_no_op_until_the_text_changes_or_forced(stories_fil
     changed = prepare(config)
     assert "z" in changed.tokenizer.chars
     assert not list(changed.folder.parent.glob("*.tmp-*"))
+
+
+def test_a_changed_tokenizer_file_prepares_again(stories_file, tmp_path):
+    corpus = "".join(STORIES) * 20
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    train_tokenizer("bpe:300", [corpus]).save(tmp_path / "a")
+    train_tokenizer("bpe:320", [corpus]).save(tmp_path / "b")
+    tokenizer_file = tmp_path / "mine" / "tokenizer.json"
+    tokenizer_file.parent.mkdir()
+    shutil.copyfile(tmp_path / "a" / "tokenizer.json", tokenizer_file)
+    config = DataConfig(source=str(stories_file), tokenizer=str(tokenizer_file), data_dir=str(tmp_path / "data"))
+    assert prepare(config).meta["vocab_size"] == 300
+    assert prepare(config).folder.name.startswith("stories-tokenizer-")
+    shutil.copyfile(tmp_path / "b" / "tokenizer.json", tokenizer_file)
+    assert prepare(config).meta["vocab_size"] == 320
 
 
 def test_an_interrupted_prepare_leaves_nothing_a_later_run_trusts(stories_file, tmp_path, monkeypatch):

@@ -97,16 +97,16 @@ def open_source(config: DataConfig) -> DocumentSource:
     if source in SOURCES:
         dataset = SOURCES[source]
         remotes = source_files(dataset, config.subset)
-        paths = [(remote.split, fetch(dataset.folder, remote)) for remote in remotes]
         name = dataset.name if config.subset is None else f"{dataset.name}-{config.subset}"
         fingerprint = "|".join(remote.sha256 for remote in remotes)
 
         def read() -> Iterator[tuple[str | None, list[str]]]:
-            for split, path in paths:
+            # Fetched only when read: data prepared already needs no download, even once the raw files are deleted.
+            for split, path in [(remote.split, fetch(dataset.folder, remote)) for remote in remotes]:
                 for block in _reader_for_file(path)(path, field, errors):
                     yield split, block
 
-        return DocumentSource(name, fingerprint, sum(p.stat().st_size for _, p in paths), read, config.val_fraction)
+        return DocumentSource(name, fingerprint, sum(r.size for r in remotes), read, config.val_fraction)
     if config.subset is not None:
         raise TinylmError(f"data.subset applies to registry datasets ({', '.join(SOURCES)}), not to {source}")
     path = Path(source).expanduser()

@@ -13,6 +13,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -28,7 +29,7 @@ from tinylm.data.documents import DocumentSource, open_source
 from tinylm.data.loader import TokenShards
 from tinylm.data.sources import cache_dir
 from tinylm.errors import TinylmError
-from tinylm.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
+from tinylm.tokenizers import HF_TOKENIZER_FILE, Tokenizer, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 2
 META_FILE = "meta.json"
@@ -69,6 +70,7 @@ def prepare(config: DataConfig, force: bool = False) -> PreparedData:
                 FORMAT_VERSION,
                 source.fingerprint,
                 config.tokenizer,
+                _local_tokenizer_hash(config.tokenizer),
                 config.val_fraction,
                 config.shard_tokens,
                 config.token_dtype,
@@ -78,7 +80,7 @@ def prepare(config: DataConfig, force: bool = False) -> PreparedData:
         ).encode()
     ).hexdigest()
     data_dir = Path(config.data_dir).expanduser() if config.data_dir else cache_dir() / "data"
-    folder = data_dir / f"{source.name}-{config.tokenizer.replace(':', '').replace('/', '_')}"
+    folder = data_dir / f"{source.name}-{_folder_name(config.tokenizer)}"
     meta_path = folder / META_FILE
     if meta_path.is_file() and not force:
         meta = json.loads(meta_path.read_text())
@@ -123,6 +125,21 @@ def prepare(config: DataConfig, force: bool = False) -> PreparedData:
     shutil.rmtree(folder, ignore_errors=True)  # stale data from other inputs
     os.replace(staging, folder)
     return PreparedData(folder, meta, tokenizer)
+
+
+def _folder_name(spec: str) -> str:
+    """`bpe:4096` -> `bpe4096`; a tokenizer file path -> its name and a short hash of the path."""
+    if spec.endswith(".json") or "/" in spec:
+        path_hash = hashlib.sha256(spec.encode()).hexdigest()[:8]
+        return f"{re.sub(r'[^A-Za-z0-9.-]+', '_', Path(spec).stem or spec).strip('_')}-{path_hash}"
+    return spec.replace(":", "")
+
+
+def _local_tokenizer_hash(spec: str) -> str:
+    """The content of a local tokenizer file is an input too: data prepared with its old version is stale."""
+    path = Path(spec.removeprefix("hf:")).expanduser()
+    tokenizer_file = path / HF_TOKENIZER_FILE if path.is_dir() else path
+    return hashlib.sha256(tokenizer_file.read_bytes()).hexdigest() if tokenizer_file.is_file() else ""
 
 
 def token_dtype(tokenizer: Tokenizer, requested: str) -> np.dtype:
