@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
 import numpy as np
@@ -198,26 +199,33 @@ def _batches(blocks: Iterable[tuple[str, list[str]]]) -> Iterator[tuple[str, lis
 def _encoded_batches(
     batches: Iterator[tuple[str, list[str]]], tokenizer: Tokenizer, folder: Path, dtype: np.dtype, num_proc: int
 ) -> Iterator[tuple[str, list[str], tuple[np.ndarray, int]]]:
-    """Each batch with its token ids, in order: encoded by `num_proc` forked workers (at most 2 batches each in
-    flight), or in this process when there is one worker or the tokenizer's batches already use every core."""
+    """Each batch with its token ids, in order, while this process reads ahead and writes.
+
+    A tokenizer whose batches already use every core (Hugging Face's Rust threads) is driven from one thread; any other
+    is run in `num_proc` forked worker processes. At most 2 batches per worker are in flight, so memory stays flat.
+    """
     global _worker_tokenizer
     _worker_tokenizer = tokenizer  # for this process, and for workers forked from it
     try:
-        if num_proc <= 1 or tokenizer.batches_use_every_core:
-            with _tokenizers_parallelism(num_proc > 1):
+        if num_proc <= 1:
+            with _tokenizers_parallelism(False):
                 for split, batch in batches:
                     yield split, batch, _encode_documents(batch, dtype)
             return
-        fork = os.name == "posix"
-        context = multiprocessing.get_context("fork" if fork else "spawn")
-        initializer = None if fork else _load_worker_tokenizer  # spawned workers start empty: they load it
-        # Workers forked from a process whose BPE training used threads must not use them (the pool is the
-        # parallelism); saying so in the environment they inherit also spares the user tokenizers' fork warning.
-        with _tokenizers_parallelism(False), context.Pool(num_proc, initializer, (folder,)) as pool:
+        if tokenizer.batches_use_every_core:
+            workers, pool = 1, ThreadPool(1)
+        else:
+            fork = os.name == "posix"
+            context = multiprocessing.get_context("fork" if fork else "spawn")
+            initializer = None if fork else _load_worker_tokenizer  # spawned workers start empty: they load it
+            workers, pool = num_proc, context.Pool(num_proc, initializer, (folder,))
+        # Forked workers must not use the tokenizer's threads (the pool is the parallelism); saying so in the
+        # environment they inherit also spares the user tokenizers' fork warning.
+        with _tokenizers_parallelism(tokenizer.batches_use_every_core), pool:
             in_flight: deque = deque()
             for split, batch in batches:
                 in_flight.append((split, batch, pool.apply_async(_encode_documents, (batch, dtype))))
-                if len(in_flight) >= 2 * num_proc:
+                if len(in_flight) >= 2 * workers:
                     done_split, done_batch, result = in_flight.popleft()
                     yield done_split, done_batch, result.get()
             while in_flight:
