@@ -8,7 +8,7 @@ ifneq ($(wildcard $(MIRROR)),)
 export TINYLM_DATASETS_MIRROR ?= $(MIRROR)
 endif
 
-.PHONY: setup demo test lint bench gpu-check clean
+.PHONY: setup demo test lint bench gpu-check docs clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,9 @@ lint: $(VENV)/.installed-dev
 bench: setup
 	$(BIN)/python bench/shakespeare_char.py --repeats 2
 	$(BIN)/python bench/tokenize_tinystories.py
+
+docs: setup
+	$(BIN)/python -c 'from tinylm.config import config_reference; print(config_reference(), end="")' > docs/config.md
 
 gpu-check: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m gpu -rs

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
-from tinylm.config import MODEL_PRESETS, Config, config_keys, load_config, resolve_config
+from tinylm.config import MODEL_PRESETS, Config, config_keys, config_reference, load_config, resolve_config
 from tinylm.errors import TinylmError
 
 RECIPE = "configs/shakespeare-char.yaml"
@@ -78,3 +80,8 @@ def test_every_field_is_a_documented_key():
     keys = config_keys()
     assert "train.max_steps" in keys and "model.n_layer" in keys and "out" in keys
     assert len(keys) == len(set(keys))
+
+
+def test_the_config_reference_in_docs_is_current():
+    reference = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert reference.read_text() == config_reference(), "docs/config.md is stale: run `make docs`"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -276,6 +276,26 @@ SECTION_NAMES: dict[str, type] = {
     "train": TrainConfig,
     "sample": SampleConfig,
 }
+
+
+def config_reference() -> str:
+    """docs/config.md: every key of every section with its type, default and meaning (`make docs` writes it)."""
+    helps = {action.dest: action.help for action in config_parser()._actions}
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from the dataclasses in `src/tinylm/config.py` by `make docs`; do not edit by hand. A recipe sets",
+        "these keys in YAML sections; the command line overrides any of them as `--section.key VALUE`.",
+    ]
+    for section, cls in SECTION_NAMES.items():
+        lines += ["", f"## `{section}`", "", " ".join((cls.__doc__ or "").split()), ""]
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in fields(cls):
+            default = f.default if f.default_factory is MISSING else f.default_factory()  # type: ignore[misc]
+            meaning = " ".join(str(helps.get(f"{section}.{f.name}", "")).split()).replace("|", "\\|")
+            kind = str(f.type).replace("|", "or")
+            lines.append(f"| `{section}.{f.name}` | {kind} | `{default!r}` | {meaning} |")
+    return "\n".join(lines) + "\n"
 
 
 def explain_parse_error(message: str) -> str:
