@@ -12,6 +12,7 @@ and any model key it sets besides wins over the preset.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -77,6 +78,43 @@ class ModelConfig:
     """Biases in linear layers and LayerNorms."""
     tie_embeddings: bool = True
     """Share the token embedding with the output layer (counted once in the parameter count)."""
+    positions: Literal["learned", "rope"] = "learned"
+    """`learned`: a position embedding added to the tokens (GPT-2). `rope`: rotary embeddings that turn q and k by
+    position-dependent angles, so attention sees relative positions (Llama)."""
+    rope_theta: float = 10000.0
+    """RoPE base: the slowest rotation's wavelength grows with it (positions: rope)."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """`layernorm` (GPT-2) or `rmsnorm` (Llama: scales by the root mean square, no centring, no bias)."""
+    norm_eps: float = 1e-5
+    """Epsilon added inside the norms' square root."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """`gelu`: fc, GELU, proj (GPT-2). `swiglu`: proj(silu(gate(x)) * up(x)) (Llama)."""
+    mlp_hidden_size: int | None = None
+    """Width inside the MLP; null: 4 * n_embd for gelu, 8/3 * n_embd rounded up to a multiple of 64 for swiglu
+    (the same parameters as gelu's 4 * n_embd with two matrices)."""
+    n_kv_head: int | None = None
+    """Key/value heads; null: n_head (multi-head attention); 1: multi-query; between: grouped-query, each k/v head
+    shared by n_head / n_kv_head query heads. Must divide n_head."""
+    qk_norm: bool = False
+    """Normalise queries and keys per head (with `norm`) before attention: steadier training at high learning rates."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads with the null default resolved."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's hidden width with the null default resolved."""
+        if self.mlp_hidden_size is not None:
+            return self.mlp_hidden_size
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return 64 * math.ceil(8 * self.n_embd / 3 / 64)
 
 
 @dataclass
@@ -239,6 +277,20 @@ def check_config(config: Config) -> None:
             raise TinylmError("model.n_layer, model.n_head and model.n_embd must be at least 1 for a gpt model")
         if model.n_embd % model.n_head:
             raise TinylmError(f"model.n_embd ({model.n_embd}) must be a multiple of model.n_head ({model.n_head})")
+        if model.n_kv_head is not None and (model.n_kv_head < 1 or model.n_head % model.n_kv_head):
+            raise TinylmError(
+                f"model.n_kv_head ({model.n_kv_head}) must divide model.n_head ({model.n_head}): "
+                "1 for multi-query, n_head (or null) for multi-head"
+            )
+        if model.positions == "rope" and model.head_dim % 2:
+            raise TinylmError(
+                f"positions: rope needs an even head size, but n_embd / n_head = {model.head_dim}; "
+                "change model.n_embd or model.n_head"
+            )
+        if model.rope_theta <= 0 or model.norm_eps <= 0:
+            raise TinylmError("model.rope_theta and model.norm_eps must be positive")
+        if model.mlp_hidden_size is not None and model.mlp_hidden_size < 1:
+            raise TinylmError(f"model.mlp_hidden_size must be at least 1 (or null), not {model.mlp_hidden_size}")
     if model.block_size < 1:
         raise TinylmError("model.block_size must be at least 1")
     if not 0.0 <= model.dropout < 1.0:
