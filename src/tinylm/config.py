@@ -295,6 +295,22 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | dict[st
     return resolve_config(values, parser)
 
 
+def config_of_model(target: str) -> Config:
+    """The config behind a model preset name, a recipe file, or a run folder (the config.yaml `tinylm train` wrote)."""
+    path = Path(target)
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise TinylmError(f"{target} holds no config.yaml; give a model preset, a recipe or a run folder")
+        return resolve_config(yaml.safe_load((path / "config.yaml").read_text()))
+    if path.is_file():
+        return load_config(path)
+    if target not in MODEL_PRESETS:
+        raise TinylmError(
+            f"'{target}' is not a model preset, recipe or run folder{_did_you_mean(target, MODEL_PRESETS)}"
+        )
+    return resolve_config({"model": {"preset": target}})
+
+
 def parse_user_values(parser: ArgumentParser, args: list[str]) -> dict[str, Any]:
     """The keys the user set (in the recipe or on the command line), type-checked, without defaults filled in."""
     if args and not args[0].startswith("-"):

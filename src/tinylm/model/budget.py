@@ -80,7 +80,12 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
     non_embedding = config.n_layer * (block_matrices(config) + block_vectors(config))
     non_embedding += norm_parameters(config, width) + (0 if config.tie_embeddings else output_layer)
     matmul = config.n_layer * block_matrices(config) + output_layer
-    return {"total": embedding + non_embedding, "embedding": embedding, "non_embedding": non_embedding, "matmul": matmul}
+    return {
+        "total": embedding + non_embedding,
+        "embedding": embedding,
+        "non_embedding": non_embedding,
+        "matmul": matmul,
+    }
 
 
 def forward_flops_per_token(config: ModelConfig, context: int) -> int:
@@ -158,3 +163,53 @@ def model_budget(
         optimizer=optimizer,
         memory_bytes=training_memory(config, batch_size, config.block_size, precision, optimizer),
     )
+
+
+def format_budget(name: str, config: ModelConfig, budget: ModelBudget) -> str:
+    """The budget as the lines `tinylm info` prints."""
+    lines = [f"{name}: {architecture(config)}"]
+    lines.append(
+        f"parameters       {budget.parameters:,} ({_si(budget.parameters)}): "
+        f"embedding {budget.embedding_parameters:,}, non-embedding {budget.non_embedding_parameters:,}"
+        + (", tied output layer counted once" if config.arch == "gpt" and config.tie_embeddings else "")
+    )
+    lines.append(
+        f"FLOPs per token  {_si(budget.forward_flops_per_token, 'FLOP')} forward, "
+        f"{_si(budget.training_flops_per_token, 'FLOP')} training "
+        f"(PaLM: 6N + 12·L·H·Q·T, N = {_si(budget.matmul_parameters)} matmul weights, T = {config.block_size})"
+    )
+    kv = budget.kv_cache_bytes_per_token
+    lines.append(
+        f"KV cache         {kv:,} bytes per token in {budget.precision}; "
+        f"{_si(kv * config.block_size, 'B')} per sequence of {config.block_size} tokens"
+    )
+    memory = budget.memory_bytes
+    parts = ", ".join(f"{key} {_si(value, 'B')}" for key, value in memory.items() if key != "total")
+    lines.append(
+        f"training memory  about {_si(memory['total'], 'B')} for batches of {budget.batch_size} x {budget.block_size} "
+        f"tokens, {budget.precision} activations, {budget.optimizer}: {parts}"
+    )
+    return "\n".join(lines)
+
+
+def architecture(config: ModelConfig) -> str:
+    if config.arch == "bigram":
+        return f"bigram table, vocabulary {config.vocab_size:,}"
+    attention = f"{config.n_head} heads of {config.head_dim}"
+    if config.kv_heads != config.n_head:
+        attention += f" sharing {config.kv_heads} k/v head{'s' if config.kv_heads > 1 else ''}"
+    return (
+        f"gpt, {config.n_layer} layers x {config.n_embd}, {attention}, {config.positions} positions, {config.norm}, "
+        f"{config.mlp} MLP {config.mlp_width}, context {config.block_size}, vocabulary {config.vocab_size:,}"
+        + (", tied" if config.tie_embeddings else ", untied")
+        + ("" if config.bias else ", no bias")
+        + (", QK-norm" if config.qk_norm else "")
+    )
+
+
+def _si(value: float, unit: str = "") -> str:
+    """1234567, "B" -> '1.23 MB': three significant digits and a decimal prefix."""
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:g} {unit}".rstrip()
