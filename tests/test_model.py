@@ -87,3 +87,190 @@ def test_bigram_logits_depend_on_the_current_token_only():
         logits, _ = model(torch.tensor([[1, 2, 3], [4, 2, 5]]))
     torch.testing.assert_close(logits[0, 1], logits[1, 1])
     assert count_parameters(model)["total"] == 100
+
+
+LLAMA_STYLE = dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, bias=False, qk_norm=True)
+
+
+def reference_attention(attn, x: torch.Tensor) -> torch.Tensor:
+    """Multi-head causal attention written out the long way, from the module's own weights."""
+    batch, time, width = x.shape
+    q, k, v = attn.qkv(x).view(batch, time, 3, attn.n_head, attn.head_dim).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-2, -1) / attn.head_dim**0.5
+    scores = scores.masked_fill(torch.ones(time, time).triu(1).bool(), float("-inf"))
+    y = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, time, width)
+    return attn.proj(y)
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    from tinylm.model.gpt import RotaryEmbedding, apply_rotary
+
+    positions, head_dim = 24, 8
+    cos, sin = RotaryEmbedding(head_dim, positions, theta=10000.0)(0, positions)
+    q, k = torch.randn(2, head_dim, dtype=torch.float64)
+    rotated_q = apply_rotary(q.expand(1, 1, positions, head_dim), cos, sin)[0, 0]
+    rotated_k = apply_rotary(k.expand(1, 1, positions, head_dim), cos, sin)[0, 0]
+    scores = rotated_q @ rotated_k.T  # scores[m, n]: q at position m, k at position n
+    for offset in (0, 3, -5):
+        diagonal = scores.diagonal(offset)
+        torch.testing.assert_close(diagonal, diagonal[:1].expand_as(diagonal))
+    assert not torch.allclose(scores.diagonal(0)[0], scores.diagonal(3)[0])
+
+
+def test_multi_head_attention_matches_the_textbook_formula():
+    model = small_gpt(n_kv_head=2, n_head=2).eval()
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.blocks[0].attn(x, None, None), reference_attention(model.blocks[0].attn, x))
+
+
+def repeat_kv_heads(rows: torch.Tensor, n_kv_head: int, group: int) -> torch.Tensor:
+    """k or v rows of a fused qkv weight (or bias), each head's rows repeated for the `group` query heads it serves."""
+    return rows.unflatten(0, (n_kv_head, -1)).repeat_interleave(group, dim=0).flatten(0, 1)
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2])
+def test_grouped_query_attention_is_multi_head_with_shared_kv_heads(n_kv_head):
+    grouped = small_gpt(n_head=4, n_kv_head=n_kv_head).blocks[0].attn.eval()
+    full = small_gpt(n_head=4).blocks[0].attn.eval()
+    width, kv_width, group = 32, n_kv_head * 8, 4 // n_kv_head
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            q, k, v = getattr(grouped.qkv, name).split([width, kv_width, kv_width])
+            repeated = [repeat_kv_heads(rows, n_kv_head, group) for rows in (k, v)]
+            getattr(full.qkv, name).copy_(torch.cat([q, *repeated]))
+        full.proj.load_state_dict(grouped.proj.state_dict())
+        x = torch.randn(2, 10, width)
+        torch.testing.assert_close(grouped(x, None, None), full(x, None, None))
+        torch.testing.assert_close(full(x, None, None), reference_attention(full, x))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, LLAMA_STYLE, {**LLAMA_STYLE, "n_kv_head": 2, "qk_norm": False}, {"tie_embeddings": False, "mlp": "swiglu"}],
+    ids=["gpt2", "llama-mqa-qknorm", "llama-gqa", "untied-swiglu"],
+)
+def test_cached_decoding_gives_the_logits_of_a_full_forward(options):
+    model = small_gpt(n_head=4, **options).eval()
+    tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(2))
+    cache = model.new_kv_cache(batch_size=2)
+    with torch.no_grad():
+        full, _ = model(tokens)
+        # A prefill of 5, a chunk of 4 into the non-empty cache, then one token at a time.
+        pieces = [model(tokens[:, :5], kv_cache=cache)[0], model(tokens[:, 5:9], kv_cache=cache)[0]]
+        pieces += [model(tokens[:, t : t + 1], kv_cache=cache)[0] for t in range(9, 16)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 16
+
+
+def test_a_full_cache_refuses_more_and_a_cropped_one_recomputes_the_same_logits():
+    model = small_gpt(**LLAMA_STYLE).eval()
+    tokens = torch.randint(0, 50, (1, 16))
+    cache = model.new_kv_cache(batch_size=1)
+    with torch.no_grad():
+        full, _ = model(tokens, kv_cache=cache)
+        with pytest.raises(ValueError, match="KV cache"):
+            model(tokens[:, :1], kv_cache=cache)
+        cache.crop(6)
+        again, _ = model(tokens[:, 6:], kv_cache=cache)
+    torch.testing.assert_close(again, full[:, 6:], atol=1e-5, rtol=1e-5)
+    cache.reset()
+    assert cache.length == 0
+
+
+def test_the_bigram_takes_a_cache_too():
+    model = build_model(ModelConfig(arch="bigram", vocab_size=10, block_size=4))
+    cache = model.new_kv_cache(batch_size=1)
+    model(torch.tensor([[1, 2, 3]]), kv_cache=cache)
+    assert cache.length == 3
+    with pytest.raises(ValueError, match="KV cache"):
+        model(torch.tensor([[1, 2]]), kv_cache=cache)
+
+
+def test_llama_style_blocks_have_the_agreed_parameter_names():
+    model = small_gpt(**{**LLAMA_STYLE, "n_head": 4, "n_kv_head": 2})
+    names = set(model.state_dict())
+    assert "position_embedding.weight" not in names and not any(name.endswith(".bias") for name in names)
+    for name in ("attn_norm.weight", "attn.q_norm.weight", "attn.k_norm.weight", "mlp.gate.weight", "mlp.up.weight"):
+        assert f"blocks.0.{name}" in names
+    assert model.blocks[0].attn.qkv.weight.shape == ((4 + 2 * 2) * 8, 32)  # q: 4 heads of 8; k, v: 2 heads each
+    assert model.blocks[0].mlp.up.weight.shape == (128, 32)  # 8/3 * 32 rounded up to a multiple of 64
+
+
+def test_llama_style_model_trains():
+    model = small_gpt(**LLAMA_STYLE)
+    text = torch.randint(0, 50, (1, 17), generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = model(text[:, :-1], text[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < 0.05
+
+
+def greedy_without_cache(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """generate_tokens' policy written out with full forward passes: the window starts block_size back from the
+    prompt's end and, once it would pass block_size, restarts with the last block_size // 2 tokens."""
+    block_size, tokens = model.config.block_size, list(prompt)
+    start = max(0, len(prompt) - block_size)
+    for _ in range(max_new_tokens):
+        if len(tokens) - start > block_size:
+            start = len(tokens) - block_size // 2
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([tokens[start:]]))
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens[len(prompt) :]
+
+
+@pytest.mark.parametrize("options", [{}, LLAMA_STYLE], ids=["gpt2", "llama"])
+def test_cached_generation_follows_its_sliding_window_past_block_size(options):
+    from tinylm.generate import generate_tokens
+
+    model = small_gpt(**options).eval()
+    prompt = torch.randint(0, 50, (20,), generator=torch.Generator().manual_seed(3)).tolist()  # longer than 16
+    generated = list(generate_tokens(model, prompt, 40, temperature=0))
+    assert generated == greedy_without_cache(model, prompt, 40)
+
+
+def test_generation_is_deterministic_per_seed():
+    from tinylm.generate import generate_tokens
+
+    model = small_gpt()  # freshly initialised: next-token distributions near uniform, so seeds disagree
+
+    def sample(seed: int) -> list[int]:
+        return list(generate_tokens(model, [1, 2, 3], 30, temperature=1.0, seed=seed))
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_every_norm_gain_and_bias_escapes_weight_decay():
+    from tinylm.config import TrainConfig
+    from tinylm.training.optim import build_optimizers
+
+    model = small_gpt(**{**LLAMA_STYLE, "bias": True, "norm": "layernorm"})
+    (optimizer,) = build_optimizers(model, TrainConfig(), "cpu")
+    decayed, plain = optimizer.param_groups
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm | torch.nn.RMSNorm)]
+    assert len(norms) == 2 * 2 + 2 * 2 + 1  # per block: two norms and q/k norms; and the final norm
+    no_decay = {id(p) for p in plain["params"]}
+    assert all(id(p) in no_decay for norm in norms for p in norm.parameters())
+    assert {id(p) for p in decayed["params"]} == {id(p) for p in model.parameters() if p.dim() == 2}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--model.n_head", "6", "--model.n_kv_head", "4"], "model.n_kv_head (4) must divide model.n_head (6)"),
+        (["--model.positions", "rope", "--model.n_embd", "30", "--model.n_head", "2"], "rope needs an even head size"),
+        (["--model.norm", "batchnorm"], "expects one of"),
+        (["--model.mlp_hidden_size", "0"], "model.mlp_hidden_size must be at least 1"),
+        (["--model.rope_theta", "-1"], "must be positive"),
+    ],
+)
+def test_bad_model_options_are_one_line_errors(capsys, options, message):
+    from conftest import run_cli
+
+    code, _, err = run_cli(capsys, "train", *options)
+    assert code == 1 and message in err and err.startswith("tinylm: error:") and err.count("\n") == 1

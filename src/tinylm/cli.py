@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from typing import Literal
 
 from jsonargparse import ArgumentParser
@@ -12,6 +13,7 @@ from tinylm.config import (
     Config,
     DataConfig,
     check_config,
+    config_of_model,
     config_parser,
     explain_parse_error,
     parse_user_values,
@@ -76,6 +78,24 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help='Print one JSON object: {"val": {"loss": ...}}.')
     commands.add_subcommand("eval", evaluate, help="Evaluate a trained run on its validation data.")
 
+    info = ArgumentParser(
+        exit_on_error=False, description="Parameters, FLOPs per token, KV-cache size and training memory of a model."
+    )
+    info.add_argument("model", type=str, help="A model preset (e.g. gpt2-124m), a recipe .yaml or a run folder.")
+    info.add_argument("--batch-size", type=int | None, default=None, help="Sequences per step (default: the config's).")
+    info.add_argument("--block-size", type=int | None, default=None, help="Context length (default: the model's).")
+    info.add_argument(
+        "--vocab-size", type=int | None, default=None, help="Vocabulary, for models that take it from the tokenizer."
+    )
+    info.add_argument(
+        "--precision", type=Literal["fp32", "bf16", "fp16"], default="bf16", help="Activation and KV-cache precision."
+    )
+    info.add_argument(
+        "--optimizer", type=Literal["adamw", "muon"] | None, default=None, help="Optimizer (default: the config's)."
+    )
+    info.add_argument("--json", action="store_true", help="Print the figures as one JSON object.")
+    commands.add_subcommand("info", info, help="What a model costs: parameters, FLOPs, KV cache, training memory.")
+
     export = ArgumentParser(exit_on_error=False, description="Write a run as a Hugging Face folder or a GGUF file.")
     export.add_argument("run_dir", type=str, help="Run folder written by `tinylm train` or `tinylm import`.")
     export.add_argument(
@@ -118,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "prepare": run_prepare,
             "generate": run_generate,
             "eval": run_eval,
+            "info": run_info,
             "export": run_export,
             "import": run_import,
         }
@@ -200,6 +221,28 @@ def run_eval(args) -> int:
             f"{args.split}: loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f}, "
             f"{result.bpb:.4f} bits per byte, over {result.tokens:,} tokens"
         )
+    return 0
+
+
+def run_info(args) -> int:
+    from tinylm.model.budget import format_budget, model_budget
+
+    config = config_of_model(args.model)
+    model_changes = {"block_size": args.block_size, "vocab_size": args.vocab_size}
+    train_changes = {"batch_size": args.batch_size, "optimizer": args.optimizer}
+    config = replace(
+        config,
+        model=replace(config.model, **{key: value for key, value in model_changes.items() if value is not None}),
+        train=replace(config.train, **{key: value for key, value in train_changes.items() if value is not None}),
+    )
+    check_config(config)
+    if config.model.vocab_size is None:
+        raise TinylmError(
+            f"{args.model} takes its vocabulary from the tokenizer; give --vocab-size (e.g. 65 for Tiny Shakespeare "
+            "characters, 50257 for gpt2)"
+        )
+    budget = model_budget(config.model, config.train.batch_size, args.precision, config.train.optimizer)
+    print(json.dumps(budget.to_dict()) if args.json else format_budget(args.model, config.model, budget))
     return 0
 
 

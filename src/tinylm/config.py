@@ -12,6 +12,7 @@ and any model key it sets besides wins over the preset.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -77,6 +78,43 @@ class ModelConfig:
     """Biases in linear layers and LayerNorms."""
     tie_embeddings: bool = True
     """Share the token embedding with the output layer (counted once in the parameter count)."""
+    positions: Literal["learned", "rope"] = "learned"
+    """`learned`: a position embedding added to the tokens (GPT-2). `rope`: rotary embeddings that turn q and k by
+    position-dependent angles, so attention sees relative positions (Llama)."""
+    rope_theta: float = 10000.0
+    """RoPE base: the slowest rotation's wavelength grows with it (positions: rope)."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """`layernorm` (GPT-2) or `rmsnorm` (Llama: scales by the root mean square, no centring, no bias)."""
+    norm_eps: float = 1e-5
+    """Epsilon added inside the norms' square root."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """`gelu`: fc, GELU, proj (GPT-2). `swiglu`: proj(silu(gate(x)) * up(x)) (Llama)."""
+    mlp_hidden_size: int | None = None
+    """Width inside the MLP; null: 4 * n_embd for gelu, 8/3 * n_embd rounded up to a multiple of 64 for swiglu
+    (the same parameters as gelu's 4 * n_embd with two matrices)."""
+    n_kv_head: int | None = None
+    """Key/value heads; null: n_head (multi-head attention); 1: multi-query; between: grouped-query, each k/v head
+    shared by n_head / n_kv_head query heads. Must divide n_head."""
+    qk_norm: bool = False
+    """Normalise queries and keys per head (with `norm`) before attention: steadier training at high learning rates."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads with the null default resolved."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's hidden width with the null default resolved."""
+        if self.mlp_hidden_size is not None:
+            return self.mlp_hidden_size
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return 64 * math.ceil(8 * self.n_embd / 3 / 64)
 
 
 @dataclass
@@ -155,6 +193,11 @@ class Config:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
 
 
+_GPT2_BPE = {"vocab_size": 50257}  # GPT-2's byte-level BPE (tokenizer gpt2), also GPT-Neo's
+_TINYSTORIES = {**_GPT2_BPE, "block_size": 2048, "n_head": 16}  # the paper's GPT-Neo models, learned positions
+_LLAMA = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "tie_embeddings": True}
+_LLAMA2_C = {**_LLAMA, "vocab_size": 32000}  # Karpathy's llama2.c TinyStories models (Llama 2's tokenizer)
+
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # The teaching baseline: each token looks up the logits of the next one; no context at all.
     "bigram": {"arch": "bigram", "n_layer": 0, "n_head": 1, "n_embd": 0, "tie_embeddings": False},
@@ -168,6 +211,63 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "dropout": 0.2,
         "bias": False,
     },
+    # The TinyStories paper's models (Eldan and Li 2023; roneneldan/TinyStories-*), as GPT-2-style blocks: GPT-Neo's
+    # alternating local attention and bias-free q/k/v are not modelled. The names follow the paper and are about the
+    # size without the 50257 x n_embd embedding; with it counted (once, tied) the totals are larger.
+    "tinystories-1m": {**_TINYSTORIES, "n_layer": 8, "n_embd": 64},
+    "tinystories-3m": {**_TINYSTORIES, "n_layer": 8, "n_embd": 128},
+    "tinystories-8m": {**_TINYSTORIES, "n_layer": 8, "n_embd": 256},
+    "tinystories-28m": {**_TINYSTORIES, "n_layer": 8, "n_embd": 512},
+    "tinystories-33m": {**_TINYSTORIES, "n_layer": 4, "n_embd": 768},
+    # A small GPT-2-style model for GPT-2 BPE text that trains on a laptop: most of its weights are the embedding.
+    "slm-15m": {**_GPT2_BPE, "block_size": 256, "n_layer": 6, "n_head": 7, "n_embd": 224},
+    # GPT-2 style with grouped-query attention (8 query heads share 4 k/v heads) and GPT-Neo's vocabulary and context.
+    "tinygpt-61m": {**_GPT2_BPE, "block_size": 2048, "n_layer": 12, "n_head": 8, "n_kv_head": 4, "n_embd": 512},
+    # GPT-2 small (Radford et al. 2019).
+    "gpt2-124m": {**_GPT2_BPE, "block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768, "bias": True},
+    # llama2.c's stories15M / 42M / 110M: multi-head (n_kv_head = n_head) as they were trained, so their weights fit.
+    "llama-15m": {**_LLAMA2_C, "block_size": 256, "n_layer": 6, "n_head": 6, "n_embd": 288, "mlp_hidden_size": 768},
+    "llama-42m": {**_LLAMA2_C, "block_size": 1024, "n_layer": 8, "n_head": 8, "n_embd": 512, "mlp_hidden_size": 1376},
+    "llama-110m": {
+        **_LLAMA2_C,
+        "block_size": 1024,
+        "n_layer": 12,
+        "n_head": 12,
+        "n_embd": 768,
+        "mlp_hidden_size": 2048,
+    },
+    # HuggingFaceTB/SmolLM2-135M: Llama with grouped-query attention (9 query heads, 3 k/v heads).
+    "smollm2-135m": {
+        **_LLAMA,
+        "vocab_size": 49152,
+        "block_size": 2048,
+        "n_layer": 30,
+        "n_head": 9,
+        "n_kv_head": 3,
+        "n_embd": 576,
+        "mlp_hidden_size": 1536,
+        "rope_theta": 100000.0,
+        "norm_eps": 1e-5,
+    },
+}
+
+# Each preset's parameters, tied matrices counted once (tests/test_presets.py builds every preset and checks).
+# Presets that take their vocabulary from the tokenizer are counted with Tiny Shakespeare's 65 characters.
+PRESET_PARAMETERS: dict[str, int] = {
+    "bigram": 4_225,
+    "nanogpt-shakespeare-char": 10_745_088,
+    "tinystories-1m": 3_747_520,
+    "tinystories-3m": 8_281_472,
+    "tinystories-8m": 19_708_672,
+    "tinystories-28m": 52_000_256,
+    "tinystories-33m": 68_523_264,
+    "slm-15m": 14_945_504,
+    "tinygpt-61m": 61_457_920,
+    "gpt2-124m": 124_439_808,
+    "llama-15m": 15_191_712,
+    "llama-42m": 41_689_600,
+    "llama-110m": 109_529_856,
+    "smollm2-135m": 134_515_008,
 }
 
 
@@ -193,6 +293,22 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | dict[st
             target = target.setdefault(section, {})
         target[key] = value
     return resolve_config(values, parser)
+
+
+def config_of_model(target: str) -> Config:
+    """The config behind a model preset name, a recipe file, or a run folder (the config.yaml `tinylm train` wrote)."""
+    path = Path(target)
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise TinylmError(f"{target} holds no config.yaml; give a model preset, a recipe or a run folder")
+        return resolve_config(yaml.safe_load((path / "config.yaml").read_text()))
+    if path.is_file():
+        return load_config(path)
+    if target not in MODEL_PRESETS:
+        raise TinylmError(
+            f"'{target}' is not a model preset, recipe or run folder{_did_you_mean(target, MODEL_PRESETS)}"
+        )
+    return resolve_config({"model": {"preset": target}})
 
 
 def parse_user_values(parser: ArgumentParser, args: list[str]) -> dict[str, Any]:
@@ -239,6 +355,20 @@ def check_config(config: Config) -> None:
             raise TinylmError("model.n_layer, model.n_head and model.n_embd must be at least 1 for a gpt model")
         if model.n_embd % model.n_head:
             raise TinylmError(f"model.n_embd ({model.n_embd}) must be a multiple of model.n_head ({model.n_head})")
+        if model.n_kv_head is not None and (model.n_kv_head < 1 or model.n_head % model.n_kv_head):
+            raise TinylmError(
+                f"model.n_kv_head ({model.n_kv_head}) must divide model.n_head ({model.n_head}): "
+                "1 for multi-query, n_head (or null) for multi-head"
+            )
+        if model.positions == "rope" and model.head_dim % 2:
+            raise TinylmError(
+                f"positions: rope needs an even head size, but n_embd / n_head = {model.head_dim}; "
+                "change model.n_embd or model.n_head"
+            )
+        if model.rope_theta <= 0 or model.norm_eps <= 0:
+            raise TinylmError("model.rope_theta and model.norm_eps must be positive")
+        if model.mlp_hidden_size is not None and model.mlp_hidden_size < 1:
+            raise TinylmError(f"model.mlp_hidden_size must be at least 1 (or null), not {model.mlp_hidden_size}")
     if model.block_size < 1:
         raise TinylmError("model.block_size must be at least 1")
     if not 0.0 <= model.dropout < 1.0:

@@ -44,18 +44,31 @@ def generate_tokens(
     top_k: int | None = None,
     seed: int | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids as they are sampled. The model sees at most its last `block_size` tokens."""
+    """Yield new token ids as they are sampled.
+
+    The prompt goes through the model once (prefill, into a KV cache); after that each step feeds only the newest
+    token. When the cache is full (block_size positions), it is emptied and refilled with the last block_size // 2
+    tokens, so the model always sees at least half a context and a refill's cost is shared by the block_size // 2
+    cheap steps that follow it. (A window sliding by one token would need a whole-context forward pass per token.)
+    """
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    tokens = torch.tensor([prompt], dtype=torch.long, device=device)
     block_size = model.config.block_size
+    kept_on_refill = max(1, block_size // 2)
+    tokens = list(prompt)
+    cache = model.new_kv_cache(batch_size=1)
+    to_feed = tokens[-block_size:]
     was_training = model.training
     model.eval()
     try:
         for _ in range(max_new_tokens):
-            logits, _ = model(tokens[:, -block_size:])
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, generator)
-            tokens = torch.cat([tokens, next_token], dim=1)
-            yield int(next_token)
+            if cache.length + len(to_feed) > cache.capacity:
+                cache.reset()
+                to_feed = tokens[-kept_on_refill:]
+            logits, _ = model(torch.tensor([to_feed], dtype=torch.long, device=device), kv_cache=cache)
+            next_token = int(sample_next_token(logits[:, -1, :], temperature, top_k, generator))
+            tokens.append(next_token)
+            to_feed = [next_token]
+            yield next_token
     finally:
         model.train(was_training)

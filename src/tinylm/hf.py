@@ -122,8 +122,7 @@ def rename(state: dict[str, torch.Tensor], modules: dict[str, str], n_layer: int
 
 def split_qkv(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """tinylm's fused `attn.qkv` (rows: q heads, then k heads, then v heads) as `attn.q`, `attn.k` and `attn.v`."""
-    head_dim = config.n_embd // config.n_head
-    sizes = [config.n_head * head_dim, kv_heads(config) * head_dim, kv_heads(config) * head_dim]
+    sizes = [config.n_head * config.head_dim, config.kv_heads * config.head_dim, config.kv_heads * config.head_dim]
     split = {}
     for name, tensor in state.items():
         prefix, found, parameter = name.partition(".attn.qkv.")
@@ -169,10 +168,6 @@ def split_rotary_pairs(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def kv_heads(config: ModelConfig) -> int:
-    return config.n_kv_head or config.n_head
-
-
 def tinylm_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter by name, a tied matrix under both of its names (each layout wants it as it names it)."""
     return {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
@@ -192,7 +187,7 @@ def hf_family(config: ModelConfig) -> str:
         )
     if config.positions == "learned":
         wants = {"norm": "layernorm", "mlp": "gelu"}
-        if kv_heads(config) != config.n_head:
+        if config.kv_heads != config.n_head:
             raise TinylmError(
                 f"model.n_kv_head is {config.n_kv_head}: GPT2LMHeadModel has as many key/value heads as query heads "
                 "(use positions: rope with rmsnorm and swiglu for a Llama export)"
@@ -207,10 +202,9 @@ def hf_family(config: ModelConfig) -> str:
     return family
 
 
-def hf_config(model: nn.Module, tokenizer: Tokenizer):
+def hf_config(config: ModelConfig, tokenizer: Tokenizer):
     """The transformers config of the class `hf_family` picks, with the run's special tokens."""
     transformers = _transformers()
-    config: ModelConfig = model.config
     special = {"bos_token_id": tokenizer.end_of_text, "eos_token_id": tokenizer.end_of_text}
     common = {"vocab_size": config.vocab_size, "tie_word_embeddings": config.tie_embeddings, **special}
     if hf_family(config) == "gpt2":
@@ -219,7 +213,7 @@ def hf_config(model: nn.Module, tokenizer: Tokenizer):
             n_embd=config.n_embd,
             n_layer=config.n_layer,
             n_head=config.n_head,
-            n_inner=model.blocks[0].mlp.fc.out_features,
+            n_inner=config.mlp_width,
             activation_function="gelu",  # nn.GELU(): the exact erf form, not GPT-2's tanh approximation
             layer_norm_epsilon=config.norm_eps,
             resid_pdrop=config.dropout,
@@ -229,11 +223,11 @@ def hf_config(model: nn.Module, tokenizer: Tokenizer):
         )
     return transformers.LlamaConfig(
         hidden_size=config.n_embd,
-        intermediate_size=model.blocks[0].mlp.up.out_features,
+        intermediate_size=config.mlp_width,
         num_hidden_layers=config.n_layer,
         num_attention_heads=config.n_head,
-        num_key_value_heads=kv_heads(config),
-        head_dim=config.n_embd // config.n_head,
+        num_key_value_heads=config.kv_heads,
+        head_dim=config.head_dim,
         hidden_act="silu",
         max_position_embeddings=config.block_size,
         rms_norm_eps=config.norm_eps,
@@ -437,7 +431,7 @@ def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> 
     family = hf_family(run.config.model)
     out = Path(out).expanduser()
     check_free(out, overwrite, "the output folder")
-    config = hf_config(run.model, run.tokenizer)
+    config = hf_config(run.config.model, run.tokenizer)
     model_class = transformers.GPT2LMHeadModel if family == "gpt2" else transformers.LlamaForCausalLM
     hf_model = model_class(config)
     state = to_hf_state(run.model, family)
@@ -487,22 +481,21 @@ def export_gguf(run_dir: str | Path, path: str | Path, overwrite: bool = False) 
         if ".attn_q." in name:
             state[name] = interleave_rotary_pairs(state[name], config.n_head)
         elif ".attn_k." in name:
-            state[name] = interleave_rotary_pairs(state[name], kv_heads(config))
+            state[name] = interleave_rotary_pairs(state[name], config.kv_heads)
 
     partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(str(partial), "llama")
     try:
-        head_dim = config.n_embd // config.n_head
         writer.add_name(run.path.resolve().name)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
         writer.add_vocab_size(config.vocab_size)
         writer.add_context_length(config.block_size)
         writer.add_embedding_length(config.n_embd)
         writer.add_block_count(config.n_layer)
-        writer.add_feed_forward_length(run.model.blocks[0].mlp.up.out_features)
+        writer.add_feed_forward_length(config.mlp_width)
         writer.add_head_count(config.n_head)
-        writer.add_head_count_kv(kv_heads(config))
-        writer.add_rope_dimension_count(head_dim)
+        writer.add_head_count_kv(config.kv_heads)
+        writer.add_rope_dimension_count(config.head_dim)
         writer.add_rope_freq_base(config.rope_theta)
         writer.add_layer_norm_rms_eps(config.norm_eps)
         writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
