@@ -22,14 +22,14 @@ from tinylm.hf import (
     tokenizers_backend,
 )
 from tinylm.model import build_model
-from tinylm.tokenizers import CharTokenizer, HuggingFaceTokenizer, Tokenizer
+from tinylm.tokenizers import CharTokenizer, HuggingFaceTokenizer, TiktokenTokenizer, Tokenizer
 from tinylm.training.checkpoint import BEST_WEIGHTS, save_weights
 from tinylm.training.trainer import CONFIG_FILE
 
 transformers = pytest.importorskip("transformers")
 
 PROMPT = "All:\nSpeak, speak."  # with a dozen new tokens it stays inside the tiny models' 32 positions
-TEXT = "Citizen:\nAll resolved. Speak?"
+TEXT = "Citizen:\nAll resolved. Speak?"  # every character occurs in SMALL_TEXT, for the char tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +100,9 @@ def assert_exported_matches(run: tinylm.Run, out: Path, model_class: str) -> Non
     ids = run.tokenizer.encode(TEXT)
     assert hf_tokenizer.encode(TEXT, add_special_tokens=False) == ids
     assert hf_tokenizer.decode(ids) == TEXT
+    if not isinstance(run.tokenizer, CharTokenizer):  # byte-level: any text, spaces, digits and emoji included
+        tricky = "naïve café:  1234 ☕\n\n\tit's <b>done</b>  "
+        assert hf_tokenizer.encode(tricky, add_special_tokens=False) == run.tokenizer.encode(tricky)
     torch.testing.assert_close(hf_logits(hf_model, ids), tinylm_logits(run, ids), atol=1e-4, rtol=1e-4)
     assert_same_greedy(run, hf_model, run.tokenizer.encode(PROMPT))
 
@@ -217,9 +220,11 @@ def test_trained_char_run_exports_to_gpt2(tmp_path, capsys, text_file):
     assert_exported_matches(tinylm.load(result.run_dir, device="cpu"), tmp_path / "hf", "GPT2LMHeadModel")
 
 
-@pytest.mark.parametrize("fields", [{"bias": False, "tie_embeddings": False}, {"bias": True}])
-def test_classic_run_exports_to_gpt2(tmp_path, fields):
-    run = make_run(tmp_path / "run", bpe_tokenizer(), **fields)
+@pytest.mark.parametrize(
+    ("tokenizer", "fields"), [("bpe", {"bias": False, "tie_embeddings": False}), ("gpt2", {"bias": True})]
+)
+def test_classic_run_exports_to_gpt2(tmp_path, tokenizer, fields):
+    run = make_run(tmp_path / "run", bpe_tokenizer() if tokenizer == "bpe" else TiktokenTokenizer(), **fields)
     assert_exported_matches(run, export_hf(run.path, tmp_path / "hf"), "GPT2LMHeadModel")
 
 
