@@ -202,11 +202,10 @@ def hf_family(config: ModelConfig) -> str:
     return family
 
 
-def hf_config(config: ModelConfig, tokenizer: Tokenizer):
-    """The transformers config of the class `hf_family` picks, with the run's special tokens."""
+def hf_config(config: ModelConfig, special_ids: dict[str, int]):
+    """The transformers config of the class `hf_family` picks, with the tokenizer's BOS and EOS ids."""
     transformers = _transformers()
-    special = {"bos_token_id": tokenizer.end_of_text, "eos_token_id": tokenizer.end_of_text}
-    common = {"vocab_size": config.vocab_size, "tie_word_embeddings": config.tie_embeddings, **special}
+    common = {"vocab_size": config.vocab_size, "tie_word_embeddings": config.tie_embeddings, **special_ids}
     if hf_family(config) == "gpt2":
         return transformers.GPT2Config(
             n_positions=config.block_size,
@@ -340,7 +339,7 @@ def tokenizers_backend(tokenizer: Tokenizer) -> HFTokenizer:
         backend.decoder = decoders.ByteLevel()
     else:
         raise TinylmError(f"the {tokenizer.spec} tokenizer has no Hugging Face form")
-    backend.add_special_tokens([END_OF_TEXT])
+    backend.add_special_tokens([END_OF_TEXT])  # in the vocabulary already: this marks it special
     return backend
 
 
@@ -354,6 +353,13 @@ def hf_tokenizer(run: Run):
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=end, eos_token=end, clean_up_tokenization_spaces=False
     )
+
+
+def special_token_ids(tokenizer, end_of_text: int) -> dict[str, int]:
+    """BOS and EOS ids as the tokenizer names them (an imported chat model ends a turn with its own token), else
+    tinylm's end-of-text."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return {"bos_token_id": end_of_text if bos is None else bos, "eos_token_id": end_of_text if eos is None else eos}
 
 
 # --- Import -------------------------------------------------------------------------------------------------------
@@ -431,7 +437,9 @@ def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> 
     family = hf_family(run.config.model)
     out = Path(out).expanduser()
     check_free(out, overwrite, "the output folder")
-    config = hf_config(run.config.model, run.tokenizer)
+    tokenizer = hf_tokenizer(run)
+    special_ids = special_token_ids(tokenizer, run.tokenizer.end_of_text)
+    config = hf_config(run.config.model, special_ids)
     model_class = transformers.GPT2LMHeadModel if family == "gpt2" else transformers.LlamaForCausalLM
     hf_model = model_class(config)
     state = to_hf_state(run.model, family)
@@ -439,12 +447,7 @@ def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> 
         if name.endswith(".bias") and not run.config.model.bias:
             state.setdefault(name, torch.zeros_like(tensor))  # GPT-2 always has biases: tinylm's are zero
     hf_model.load_state_dict(state, strict=True)
-    hf_model.generation_config = transformers.GenerationConfig(
-        bos_token_id=run.tokenizer.end_of_text,
-        eos_token_id=run.tokenizer.end_of_text,
-        pad_token_id=run.tokenizer.end_of_text,
-    )
-    tokenizer = hf_tokenizer(run)
+    hf_model.generation_config = transformers.GenerationConfig(**special_ids, pad_token_id=run.tokenizer.end_of_text)
 
     def write(staging: Path) -> None:
         hf_model.save_pretrained(str(staging))
@@ -506,8 +509,8 @@ def export_gguf(run_dir: str | Path, path: str | Path, overwrite: bool = False) 
             writer.add_token_merges(vocabulary["merges"])
         else:  # without merges, readers rebuild them from scores: all equal, so there is none to rebuild
             writer.add_token_scores([0.0] * config.vocab_size)
-        writer.add_bos_token_id(run.tokenizer.end_of_text)
-        writer.add_eos_token_id(run.tokenizer.end_of_text)
+        writer.add_bos_token_id(vocabulary["bos_token_id"])
+        writer.add_eos_token_id(vocabulary["eos_token_id"])
         writer.add_add_bos_token(False)  # tinylm never prepends a BOS token
         if vocabulary["chat_template"]:
             writer.add_chat_template(vocabulary["chat_template"])
@@ -559,7 +562,14 @@ def gguf_vocabulary(run: Run, vocab_size: int) -> dict[str, Any]:
         tokens[i] = token
         types[i] = TokenType.CONTROL if token in special else TokenType.NORMAL
     chat_template = getattr(tokenizer, "chat_template", None)
-    return {"tokens": tokens, "types": types, "merges": merges, "pre": "gpt-2", "chat_template": chat_template}
+    return {
+        "tokens": tokens,
+        "types": types,
+        "merges": merges,
+        "pre": "gpt-2",
+        "chat_template": chat_template,
+        **special_token_ids(tokenizer, run.tokenizer.end_of_text),
+    }
 
 
 # --- Files --------------------------------------------------------------------------------------------------------
