@@ -118,7 +118,7 @@ def test_import_gpt2_folder_gives_the_same_logits_and_a_working_run(tmp_path, ca
         n_embd=32,
         n_layer=2,
         n_head=4,
-        activation_function="gelu",
+        activation_function="gelu_new",  # GPT-2's own tanh GELU: imported as mlp gelu_tanh, exactly
         bos_token_id=tokenizer.end_of_text,
         eos_token_id=tokenizer.end_of_text,
     )
@@ -153,7 +153,7 @@ def test_imported_run_evaluates_on_its_data(tmp_path, capsys, text_file):
     transformers.GPT2LMHeadModel(config).save_pretrained(str(tmp_path / "gpt2"))
     save_hf_tokenizer(tokenizer, tmp_path / "gpt2")
     result = import_model(str(tmp_path / "gpt2"), tmp_path / "run")
-    assert any("gelu_new" in note for note in result.notes)  # GPT-2's default activation is only approximated
+    assert result.config.mlp == "gelu_tanh"  # GPT-2's default activation, computed as transformers does
     saved = yaml.safe_load((tmp_path / "run" / CONFIG_FILE).read_text())
     saved["data"]["source"] = str(text_file)
     (tmp_path / "run" / CONFIG_FILE).write_text(yaml.safe_dump(saved))

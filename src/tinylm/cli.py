@@ -258,8 +258,6 @@ def run_import(args) -> int:
     from tinylm.hf import import_model
 
     result = import_model(args.source, args.out, overwrite=args.overwrite)
-    for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
     model = result.config
     print(
         f"imported {args.source} into {result.run_dir}: {model.n_layer} layers, {model.n_embd} wide, "

@@ -87,8 +87,9 @@ class ModelConfig:
     """`layernorm` (GPT-2) or `rmsnorm` (Llama: scales by the root mean square, no centring, no bias)."""
     norm_eps: float = 1e-5
     """Epsilon added inside the norms' square root."""
-    mlp: Literal["gelu", "swiglu"] = "gelu"
-    """`gelu`: fc, GELU, proj (GPT-2). `swiglu`: proj(silu(gate(x)) * up(x)) (Llama)."""
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
+    """`gelu`: fc, GELU, proj. `gelu_tanh`: the same with GELU's tanh approximation, as the released GPT-2 weights
+    were trained. `swiglu`: proj(silu(gate(x)) * up(x)) (Llama)."""
     mlp_hidden_size: int | None = None
     """Width inside the MLP; null: 4 * n_embd for gelu, 8/3 * n_embd rounded up to a multiple of 64 for swiglu
     (the same parameters as gelu's 4 * n_embd with two matrices)."""
@@ -112,7 +113,7 @@ class ModelConfig:
         """The MLP's hidden width with the null default resolved."""
         if self.mlp_hidden_size is not None:
             return self.mlp_hidden_size
-        if self.mlp == "gelu":
+        if self.mlp != "swiglu":
             return 4 * self.n_embd
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)
 

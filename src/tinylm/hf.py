@@ -16,7 +16,7 @@ import importlib.util
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +186,7 @@ def hf_family(config: ModelConfig) -> str:
             "train with model.qk_norm false to export"
         )
     if config.positions == "learned":
-        wants = {"norm": "layernorm", "mlp": "gelu"}
+        wants = {"norm": "layernorm", "mlp": "gelu" if config.mlp != "gelu_tanh" else "gelu_tanh"}
         if config.kv_heads != config.n_head:
             raise TinylmError(
                 f"model.n_kv_head is {config.n_kv_head}: GPT2LMHeadModel has as many key/value heads as query heads "
@@ -213,7 +213,7 @@ def hf_config(config: ModelConfig, special_ids: dict[str, int]):
             n_layer=config.n_layer,
             n_head=config.n_head,
             n_inner=config.mlp_width,
-            activation_function="gelu",  # nn.GELU(): the exact erf form, not GPT-2's tanh approximation
+            activation_function="gelu_new" if config.mlp == "gelu_tanh" else "gelu",
             layer_norm_epsilon=config.norm_eps,
             resid_pdrop=config.dropout,
             embd_pdrop=config.dropout,
@@ -237,34 +237,27 @@ def hf_config(config: ModelConfig, special_ids: dict[str, int]):
     )
 
 
-def tinylm_model_config(config) -> tuple[ModelConfig, list[str]]:
-    """The ModelConfig that computes what a transformers GPT-2 or Llama config does, and notes on what is not exact."""
+def tinylm_model_config(config) -> ModelConfig:
+    """The ModelConfig that computes exactly what a transformers GPT-2 or Llama config does."""
     model_type = config.model_type
     if model_type == "gpt2":
         if config.scale_attn_by_inverse_layer_idx or not config.scale_attn_weights:
             raise TinylmError("this GPT-2 scales attention in a non-standard way (scale_attn_*), which tinylm lacks")
-        notes = []
-        if config.activation_function in ("gelu_new", "gelu_pytorch_tanh"):
-            notes.append(
-                f"activation_function {config.activation_function} (tanh-approximated GELU) runs as tinylm's exact "
-                "GELU: logits differ slightly from transformers'"
-            )
-        elif config.activation_function != "gelu":
+        tanh_gelu = config.activation_function in ("gelu_new", "gelu_pytorch_tanh")  # GPT-2's own
+        if not tanh_gelu and config.activation_function != "gelu":
             raise TinylmError(f"GPT-2 activation_function {config.activation_function} is not GELU; tinylm has GELU")
-        return (
-            ModelConfig(
-                vocab_size=config.vocab_size,
-                block_size=config.n_positions,
-                n_layer=config.n_layer,
-                n_head=config.n_head,
-                n_embd=config.n_embd,
-                dropout=0.0,
-                bias=True,
-                tie_embeddings=config.tie_word_embeddings,
-                norm_eps=config.layer_norm_epsilon,
-                mlp_hidden_size=config.n_inner,
-            ),
-            notes,
+        return ModelConfig(
+            vocab_size=config.vocab_size,
+            block_size=config.n_positions,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            n_embd=config.n_embd,
+            dropout=0.0,
+            bias=True,
+            tie_embeddings=config.tie_word_embeddings,
+            norm_eps=config.layer_norm_epsilon,
+            mlp="gelu_tanh" if tanh_gelu else "gelu",
+            mlp_hidden_size=config.n_inner,
         )
     if model_type == "llama":
         rope = config.rope_parameters or {}
@@ -279,25 +272,22 @@ def tinylm_model_config(config) -> tuple[ModelConfig, list[str]]:
         ):
             raise TinylmError(f"head_dim {config.head_dim} x heads is not hidden_size; tinylm needs n_embd / n_head")
         kv = config.num_key_value_heads
-        return (
-            ModelConfig(
-                vocab_size=config.vocab_size,
-                block_size=config.max_position_embeddings,
-                n_layer=config.num_hidden_layers,
-                n_head=config.num_attention_heads,
-                n_embd=config.hidden_size,
-                dropout=0.0,
-                bias=config.attention_bias,
-                tie_embeddings=config.tie_word_embeddings,
-                positions="rope",
-                rope_theta=float(rope.get("rope_theta", 10000.0)),
-                norm="rmsnorm",
-                norm_eps=config.rms_norm_eps,
-                mlp="swiglu",
-                mlp_hidden_size=config.intermediate_size,
-                n_kv_head=None if kv in (None, config.num_attention_heads) else kv,
-            ),
-            [],
+        return ModelConfig(
+            vocab_size=config.vocab_size,
+            block_size=config.max_position_embeddings,
+            n_layer=config.num_hidden_layers,
+            n_head=config.num_attention_heads,
+            n_embd=config.hidden_size,
+            dropout=0.0,
+            bias=config.attention_bias,
+            tie_embeddings=config.tie_word_embeddings,
+            positions="rope",
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
+            norm="rmsnorm",
+            norm_eps=config.rms_norm_eps,
+            mlp="swiglu",
+            mlp_hidden_size=config.intermediate_size,
+            n_kv_head=None if kv in (None, config.num_attention_heads) else kv,
         )
     raise TinylmError(f"cannot import a {model_type!r} model; tinylm imports the gpt2 and llama families")
 
@@ -369,8 +359,6 @@ def special_token_ids(tokenizer, end_of_text: int) -> dict[str, int]:
 class ImportResult:
     run_dir: Path
     config: ModelConfig
-    notes: list[str] = field(default_factory=list)
-    """What is not exact about the imported model, for the user to read."""
 
 
 def resolve_source(source: str) -> tuple[str, str | None]:
@@ -400,7 +388,7 @@ def import_model(source: str, out: str | Path, overwrite: bool = False) -> Impor
     check_free(out, overwrite, "--out")
     try:
         config = transformers.AutoConfig.from_pretrained(location, gguf_file=gguf_file)
-        model_config, notes = tinylm_model_config(config)
+        model_config = tinylm_model_config(config)
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf_file, dtype=torch.float32)
         tokenizer = transformers.AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
     except TinylmError:
@@ -424,7 +412,7 @@ def import_model(source: str, out: str | Path, overwrite: bool = False) -> Impor
         save_weights(model, staging / BEST_WEIGHTS, {"source": source})
 
     write_folder(out, write)
-    return ImportResult(out, model_config, notes)
+    return ImportResult(out, model_config)
 
 
 # --- Export -------------------------------------------------------------------------------------------------------
