@@ -114,7 +114,7 @@ def test_ctrl_c_finishes_the_step_then_saves_the_training_state(text_file, tmp_p
         return original(self)
 
     monkeypatch.setattr(trainer.TrainingLoop, "train_step", ctrl_c_during_step_7)
-    with pytest.raises(TinylmError, match="interrupted at step 7; training state saved in .*tinylm train --resume"):
+    with pytest.raises(TinylmError, match=r"interrupted at step 7; training state saved in .*tinylm train --resume"):
         train_tiny(text_file, tmp_path / "run")
     assert latest_checkpoint(tmp_path / "run").name == "step-0000007"
 

@@ -141,3 +141,10 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
             model.set_requires_gradient_sync(True)
     else:
         yield
+
+
+def reshard(model: nn.Module) -> None:
+    """After forward passes without a backward (evaluation, sampling), FSDP2 leaves the root's parameters whole;
+    shard them again so that the model is back to the state that training and checkpoints expect."""
+    if hasattr(model, "reshard"):
+        model.reshard()

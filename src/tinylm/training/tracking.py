@@ -33,12 +33,10 @@ class Tracker:
         self.tensorboard = self.wandb = None
         if not enabled:
             return
-        metrics = run_dir / METRICS_FILE
-        if resume_step is not None and metrics.is_file():
-            lines = metrics.read_text().splitlines()
-            self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
-            _write_atomically(metrics, "".join(json.dumps(r) + "\n" for r in self.records).encode())
-        self.metrics = open(metrics, "a")  # noqa: SIM115 -- open for the whole run, closed by close()
+        self.metrics_file, self.metrics = run_dir / METRICS_FILE, None
+        if resume_step is not None and self.metrics_file.is_file():
+            self.records = [json.loads(line) for line in self.metrics_file.read_text().splitlines()]
+        self.rewind(resume_step or 0)
         if backend == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -62,6 +60,16 @@ class Tracker:
                 dir=str(run_dir),
                 config=config,
             )
+
+    def rewind(self, step: int) -> None:
+        """Forget the records after `step`: the run goes on from that step's checkpoint."""
+        if not self.enabled:
+            return
+        self.records = [r for r in self.records if r["step"] <= step]
+        _write_atomically(self.metrics_file, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+        if self.metrics is not None:
+            self.metrics.close()
+        self.metrics = open(self.metrics_file, "a")  # noqa: SIM115 -- open for the whole run, closed by close()
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -53,7 +53,7 @@ from tinylm.training.checkpoint import (
     tied_names,
     write_weights,
 )
-from tinylm.training.distributed import Processes, gradient_sync, parallelize, start_processes
+from tinylm.training.distributed import Processes, gradient_sync, parallelize, reshard, start_processes
 from tinylm.training.optim import build_optimizers, build_schedulers
 from tinylm.training.throughput import flops_per_token, peak_flops, peak_memory_gb
 from tinylm.training.tracking import Tracker
@@ -292,9 +292,8 @@ class TrainingLoop:
                 bar.update()
                 if self.step % t.log_interval == 0:
                     self._log_progress(loss, lr, grad_norm)
-                stop = None
-                if self.step % t.eval_interval == 0 or self.step == t.max_steps:
-                    stop = self._evaluate_and_checkpoint()
+                evaluated = self.step % t.eval_interval == 0 or self.step == t.max_steps
+                stop = self._evaluate_and_checkpoint() if evaluated else None
                 if self._any_process(stop_requested()):
                     path = self.save_checkpoint()
                     raise TinylmError(
@@ -303,8 +302,9 @@ class TrainingLoop:
                     )
                 if stop is None and self._any_process(time.perf_counter() > deadline):
                     stop = f"train.max_time {t.max_time} reached"
+                    if not evaluated:
+                        self._evaluate_and_checkpoint()
                 if stop:
-                    self.save_checkpoint()
                     self.tracker.log({"step": self.step, "stopped": stop})
                     self.say(f"stopped at step {self.step}: {stop}")
                     break
@@ -364,6 +364,7 @@ class TrainingLoop:
         self.restore(checkpoint)
         self.batch_generator.set_state(batches_now)  # skip the batches that led to the NaN
         self.rollbacks += 1
+        self.tracker.rewind(self.step)
         self.tracker.log({"step": self.step, "rolled_back_to": self.step, "bad_loss": str(loss)})
         self.say(f"loss {loss} at a step after {self.step}: back to {checkpoint.name}, continuing with new batches")
 
@@ -442,14 +443,15 @@ class TrainingLoop:
         sequences = self.config.train.eval_batches * self.config.train.batch_size
         means = (self.processes.sum(torch.stack(totals)) / sequences).tolist()
         self.model.train()
+        reshard(self.model)
         return dict(zip(self.eval_batches, means))
 
     def sample(self) -> str:
         """The run's sample prompt continued by the current weights (every process computes it: FSDP needs all)."""
         s = self.config.sample
-        return s.prompt + self.tokenizer.decode(
-            list(generate_tokens(self.model, self.prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed))
-        )
+        tokens = list(generate_tokens(self.model, self.prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed))
+        reshard(self.model)
+        return s.prompt + self.tokenizer.decode(tokens)
 
     def save_checkpoint(self) -> Path | None:
         """Gather the whole training state (every process takes part) and write it from rank 0."""
