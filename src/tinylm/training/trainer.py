@@ -21,7 +21,7 @@ from tinylm.data.loader import TokenShards
 from tinylm.data.prepare import prepare
 from tinylm.device import resolve_device
 from tinylm.errors import TinylmError
-from tinylm.generate import encode_prompt, generate_tokens
+from tinylm.generate import encode_prompt, stream_text
 from tinylm.model import build_model, count_parameters
 from tinylm.training.checkpoint import BEST_WEIGHTS, load_weights, save_checkpoint, save_weights
 from tinylm.training.optim import build_optimizers, build_schedulers
@@ -76,10 +76,8 @@ def train(config: Config, overwrite: bool = False) -> TrainResult:
     loop.run()
 
     load_weights(model, run_dir / BEST_WEIGHTS)
-    s = config.sample
-    sample = s.prompt + tokenizer.decode(
-        generate_tokens(model, prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed)
-    )
+    pieces = stream_text(model, tokenizer, [prompt], config.sample, [tokenizer.end_of_text])
+    sample = config.sample.prompt + "".join(piece.text for piece in pieces)
     (run_dir / "samples.txt").write_text(sample)
     return TrainResult(run_dir, loop.step, loop.best_val_loss, loop.elapsed_s, sample)
 
