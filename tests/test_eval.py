@@ -76,6 +76,7 @@ def tiny_huggingface_model(folder: Path, tokenizer: HuggingFaceTokenizer) -> Pat
     return folder
 
 
+@pytest.mark.slow  # importing transformers takes most of its ~10 s
 def test_a_run_and_a_hugging_face_model_are_scored_on_the_same_bytes(tmp_path, capsys):
     tokenizer = HuggingFaceTokenizer.train_bpe([SMALL_TEXT], 300)
     run_dir = untrained_run(tmp_path / "run", tokenizer=tokenizer)
