@@ -20,9 +20,8 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from tinylm.config import TrainConfig
+from tinylm.config import Config, FinetuneConfig, check_config
 from tinylm.data.instructions import IGNORE, Messages, TokenizedExamples, load_instructions
 from tinylm.device import resolve_device
 from tinylm.errors import TinylmError
@@ -42,56 +41,6 @@ from tinylm.training.optim import build_optimizers, build_schedulers
 CONFIG_FILE = "finetune.yaml"
 RESULT_FILE = "finetune.json"
 MODEL_FOLDER = "model"
-
-
-def finetune_train_defaults() -> TrainConfig:
-    """Fine-tuning moves a trained model a little: a lower learning rate, short warm-up, few steps, no decay."""
-    return TrainConfig(
-        max_steps=200, batch_size=8, learning_rate=2e-4, warmup_steps=10, weight_decay=0.0, eval_interval=50
-    )
-
-
-@dataclass
-class FinetuneConfig:
-    """A fine-tuning run: the base model, the data, the method and the training schedule."""
-
-    base: str
-    """A Hugging Face model name or folder, a .gguf file, a tinylm run folder, or smollm2-135m-instruct."""
-    data: str
-    """Instruction data: gsm8k, alpaca, or a .jsonl/.json file of Alpaca-form or chat-form examples."""
-    out: str = "out/finetune"
-    """Folder for the adapter, the merged model, metrics and checkpoints."""
-    method: Literal["lora", "full"] = "lora"
-    """`lora`: train small low-rank adapters beside frozen weights; `full`: train every weight."""
-    lora_r: int = 8
-    """Rank of each LoRA adapter."""
-    lora_alpha: float = 16.0
-    """LoRA scale: an adapter's update is multiplied by lora_alpha / lora_r."""
-    lora_dropout: float = 0.05
-    """Dropout on the adapters' input while training."""
-    target_modules: list[str] | None = None
-    """Names of the linear layers that get adapters (e.g. [q_proj, v_proj]; tinylm: [qkv, proj, fc]); null: peft's
-    choice for known Hugging Face architectures, every hidden linear layer of a tinylm GPT."""
-    bits: Literal[4, 8] | None = None
-    """Load a Hugging Face base in 4-bit (NF4) or 8-bit weights for QLoRA; CUDA and bitsandbytes only."""
-    merge: bool = False
-    """Also save the model with the adapter folded into its weights, in out/model."""
-    max_length: int = 512
-    """Most tokens of one training sequence (also capped by the model's context)."""
-    pack: bool = False
-    """Lay examples end to end in rows of max_length tokens instead of one padded example per row."""
-    held_out_examples: int = 50
-    """Examples held out (spread evenly through the data) to measure the loss before and after."""
-    max_examples: int | None = None
-    """Use only the first this many examples of the data (null: all)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass instead of storing them: less memory, about a third more time."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Autocast dtype; auto: bf16 on CUDA GPUs that have it, fp16 (with loss scaling) on older ones, fp32 elsewhere."""
-    accumulation_steps: int = 1
-    """Split each optimizer step's train.batch_size sequences into this many forward/backward passes."""
-    train: TrainConfig = field(default_factory=finetune_train_defaults)
-    """Steps, learning rate, batch size, warm-up, evaluation and logging intervals, seed, device, threads."""
 
 
 @dataclass
@@ -146,6 +95,7 @@ def finetune(config: FinetuneConfig, overwrite: bool = False, resume: bool = Fal
 
 
 def check_finetune_config(config: FinetuneConfig) -> None:
+    check_config(Config(train=config.train))
     for key in ("lora_r", "max_length", "held_out_examples", "accumulation_steps"):
         if getattr(config, key) < 1:
             raise TinylmError(f"--{key.replace('_', '-')} must be at least 1, not {getattr(config, key)}")
