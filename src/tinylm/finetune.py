@@ -51,6 +51,8 @@ class FinetuneResult:
     held_out_loss_after: float
     trainable_parameters: int
     elapsed_s: float
+    peak_gpu_memory_mb: float | None
+    """Most CUDA memory allocated at once during the fine-tune (None off CUDA)."""
 
 
 def finetune(config: FinetuneConfig, overwrite: bool = False, resume: bool = False) -> FinetuneResult:
@@ -63,6 +65,8 @@ def finetune(config: FinetuneConfig, overwrite: bool = False, resume: bool = Fal
     if t.threads:
         torch.set_num_threads(t.threads)
     device = resolve_device(t.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     data = load_instructions(config.data, config.held_out_examples, config.max_examples)
     base = load_pretrained(config.base, device, config.bits)
     trainable = attach_trainable(base, config)
@@ -88,7 +92,10 @@ def finetune(config: FinetuneConfig, overwrite: bool = False, resume: bool = Fal
     loop.run()
     after = loop.held_out_loss()
     save_outputs(out, config, base, trainable)
-    result = FinetuneResult(out, loop.step, loop.held_out_loss_before, after, loop.trainable_parameters, loop.elapsed_s)
+    peak_memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    result = FinetuneResult(
+        out, loop.step, loop.held_out_loss_before, after, loop.trainable_parameters, loop.elapsed_s, peak_memory
+    )
     record = {"base": config.base, "kind": base.kind, "method": config.method, **asdict(result), "out": str(out)}
     _write_atomically(out / RESULT_FILE, json.dumps(record, indent=2))
     return result
