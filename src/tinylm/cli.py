@@ -106,8 +106,14 @@ def finetune_parser() -> ArgumentParser:
 
 def train_parser() -> ArgumentParser:
     parser = config_parser()
-    parser.usage = "tinylm train RECIPE.yaml [--out DIR] [--overwrite] [--section.key VALUE ...]"
+    parser.usage = (
+        "tinylm train RECIPE.yaml [--out DIR] [--overwrite] [--section.key VALUE ...]\n"
+        "       tinylm train --resume RUN_DIR [--train.key VALUE ...]"
+    )
     parser.add_argument("--overwrite", action="store_true", help="Replace the run already in the --out folder.")
+    parser.add_argument(
+        "--resume", type=str | None, default=None, help="Continue the run in this folder from its latest checkpoint."
+    )
     return parser
 
 
@@ -133,11 +139,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_train(args: list[str]) -> int:
-    from tinylm.training.trainer import train
+    from tinylm.training.trainer import resume_config, train
 
     values = parse_user_values(train_parser(), args)
     overwrite = values.pop("overwrite", False)
-    result = train(resolve_config(values), overwrite=overwrite)
+    resume = values.pop("resume", None)
+    if resume:
+        result = train(resume_config(resume, values), resume=True)
+    else:
+        result = train(resolve_config(values), overwrite=overwrite)
     print(
         f"\nbest val loss {result.best_val_loss:.4f} after {result.steps} steps in {result.elapsed_s:.1f}s; "
         f"run saved in {result.run_dir}\n--- sample ---\n{result.sample}"

@@ -35,8 +35,9 @@ from tinylm.device import resolve_device
 from tinylm.errors import TinylmError
 from tinylm.generate import generate_tokens
 from tinylm.pretrained import ChatTokenizer, HuggingFaceLM, Pretrained, load_pretrained
-from tinylm.training.checkpoint import BEST_WEIGHTS, latest_checkpoint, load_weights, save_checkpoint, save_weights
+from tinylm.training.checkpoint import BEST_WEIGHTS, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from tinylm.training.optim import build_optimizers, build_schedulers
+from tinylm.training.trainer import _autocast_dtype, _checkpoint_activations
 
 CONFIG_FILE = "finetune.yaml"
 RESULT_FILE = "finetune.json"
@@ -103,14 +104,9 @@ def finetune(config: FinetuneConfig, overwrite: bool = False, resume: bool = Fal
 
 def check_finetune_config(config: FinetuneConfig) -> None:
     check_config(Config(train=config.train))
-    for key in ("lora_r", "max_length", "held_out_examples", "accumulation_steps"):
+    for key in ("lora_r", "max_length", "held_out_examples"):
         if getattr(config, key) < 1:
             raise TinylmError(f"--{key.replace('_', '-')} must be at least 1, not {getattr(config, key)}")
-    if config.train.batch_size % config.accumulation_steps:
-        raise TinylmError(
-            f"--train.batch-size ({config.train.batch_size}) must be a multiple of --accumulation-steps "
-            f"({config.accumulation_steps}): each step splits its batch into that many passes"
-        )
     if config.method == "full" and config.bits is not None:
         raise TinylmError("--bits trains LoRA adapters on quantized weights; drop --full or --bits")
     if config.merge and config.bits is not None:
@@ -122,21 +118,17 @@ def check_finetune_config(config: FinetuneConfig) -> None:
 def attach_trainable(base: Pretrained, config: FinetuneConfig) -> nn.Module:
     """The base with what is to be trained made trainable: LoRA adapters (everything else frozen), or every weight."""
     model = base.model
-    if config.gradient_checkpointing:
-        if base.kind == "hf":
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-
-            from tinylm.model.gpt import Block
-
-            apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, Block))
+    checkpointing = config.train.activation_checkpointing
+    if checkpointing and base.kind == "hf":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif checkpointing:
+        _checkpoint_activations(model)
     if config.method == "full":
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if config.bits is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     targets = config.target_modules
     if targets is None and base.kind == "tinylm":
         output_layer = model.lm_head
@@ -166,16 +158,6 @@ def response_nats(lm: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> tup
     return nats, int((targets != IGNORE).sum())
 
 
-class TrainableWeights(nn.Module):
-    """The parameters being trained, and only those: what a checkpoint stores (for LoRA, the adapters' few
-    megabytes rather than the frozen base). Loading one writes into the model's own parameters."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        named = {name.replace(".", "/"): p for name, p in model.named_parameters() if p.requires_grad}
-        self.weights = nn.ParameterDict(named)
-
-
 class FinetuneLoop:
     def __init__(
         self,
@@ -189,11 +171,13 @@ class FinetuneLoop:
         self.config, self.lm, self.train_set, self.held_out, self.out, self.device = (
             config, lm, train_set, held_out, out, device
         )  # fmt: skip
-        self.trainable = TrainableWeights(lm)
-        self.trainable_parameters = sum(p.numel() for p in self.trainable.parameters())
+        # What a checkpoint stores: for LoRA, the adapters' few megabytes rather than the frozen base.
+        self.trainable = {name: p for name, p in lm.named_parameters() if p.requires_grad}
+        self.trainable_parameters = sum(p.numel() for p in self.trainable.values())
+        self.micro_batch_size = config.train.micro_batch_size or config.train.batch_size
         self.optimizers = build_optimizers(lm, config.train, device.type)
         self.schedulers = build_schedulers(self.optimizers, config.train)
-        self.autocast_dtype = autocast_dtype(config.precision, device)
+        self.autocast_dtype = _autocast_dtype(config.train.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
         self.step = 0
         self.elapsed_s = 0.0
@@ -239,13 +223,13 @@ class FinetuneLoop:
                 raise TinylmError(message) from None
 
     def train_step(self) -> tuple[float, int]:
-        """One optimizer step over train.batch_size rows, in accumulation_steps passes; returns the mean loss per
+        """One optimizer step over train.batch_size rows, micro_batch_size rows per pass; returns the mean loss per
         response token and the number of tokens the model read."""
         c = self.config
-        micro_batch = c.train.batch_size // c.accumulation_steps
+        passes = c.train.batch_size // self.micro_batch_size
         batches = [
-            self.train_set.training_batch(self.step * c.accumulation_steps + i, micro_batch, c.train.seed)
-            for i in range(c.accumulation_steps)
+            self.train_set.training_batch(self.step * passes + i, self.micro_batch_size, c.train.seed)
+            for i in range(passes)
         ]
         # Every labelled token weighs the same, however the tokens fall into the passes.
         total_labels = max(1, sum(int((labels[:, 1:] != IGNORE).sum()) for _, labels in batches))
@@ -258,7 +242,7 @@ class FinetuneLoop:
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
         if c.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), c.train.grad_clip)
+            torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), c.train.grad_clip)
         for optimizer, scheduler in zip(self.optimizers, self.schedulers):
             self.scaler.step(optimizer)
             scheduler.step()
@@ -272,9 +256,9 @@ class FinetuneLoop:
         was_training = self.lm.training
         self.lm.eval()
         total, count = 0.0, 0
-        batch_size = self.config.train.batch_size // self.config.accumulation_steps
-        for first in range(0, len(self.held_out), batch_size):
-            ids, labels = self.held_out.batch(list(range(first, min(first + batch_size, len(self.held_out)))))
+        size = self.micro_batch_size
+        for first in range(0, len(self.held_out), size):
+            ids, labels = self.held_out.batch(list(range(first, min(first + size, len(self.held_out)))))
             with self.autocast():
                 nats, tokens = response_nats(self.lm, ids.to(self.device), labels.to(self.device))
             total, count = total + nats.item(), count + tokens
@@ -289,30 +273,24 @@ class FinetuneLoop:
             "torch_rng": torch.get_rng_state(),
         }
         info = {"held_out_loss_before": self.held_out_loss_before, "elapsed_s": self.elapsed_s}
-        return save_checkpoint(self.out, self.step, self.trainable, state, info)
+        weights = {name: p.detach() for name, p in self.trainable.items()}
+        return save_checkpoint(self.out, self.step, weights, set(), state, info)
 
     def restore(self, checkpoint: Path) -> None:
         """Continue from a checkpoint: the weights being trained, optimizer, schedule and RNG; the batches follow from
         the step alone."""
-        load_weights(self.trainable, checkpoint / BEST_WEIGHTS)
-        state = torch.load(checkpoint / "trainer.pt", weights_only=True)
+        weights, state, info = load_checkpoint(checkpoint)
+        with torch.no_grad():
+            for name, parameter in self.trainable.items():
+                parameter.copy_(weights[name])
         for optimizer, saved in zip(self.optimizers, state["optimizers"]):
             optimizer.load_state_dict(saved)
         for scheduler, saved in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(saved)
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
-        info = json.loads((checkpoint / "state.json").read_text())
         self.step, self.elapsed_s = info["step"], info["elapsed_s"]
         self.held_out_loss_before = info["held_out_loss_before"]
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def save_outputs(out: Path, config: FinetuneConfig, base: Pretrained, trained: nn.Module) -> None:
