@@ -242,6 +242,52 @@ _TINYSTORIES = {**_GPT2_BPE, "block_size": 2048, "n_head": 16}  # the paper's GP
 _LLAMA = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "tie_embeddings": True}
 _LLAMA2_C = {**_LLAMA, "vocab_size": 32000}  # Karpathy's llama2.c TinyStories models (Llama 2's tokenizer)
 
+
+def finetune_train_defaults() -> TrainConfig:
+    """Fine-tuning moves a trained model a little: a lower learning rate, short warm-up, few steps, no decay."""
+    return TrainConfig(
+        max_steps=200, batch_size=8, learning_rate=2e-4, warmup_steps=10, weight_decay=0.0, eval_interval=50
+    )
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run: the base model, the data, the method and the training schedule."""
+
+    base: str
+    """A Hugging Face model name or folder, a .gguf file, a tinylm run folder, or smollm2-135m-instruct."""
+    data: str
+    """Instruction data: gsm8k, alpaca, or a .jsonl/.json file of Alpaca-form or chat-form examples."""
+    out: str = "out/finetune"
+    """Folder for the adapter, the merged model, metrics and checkpoints."""
+    method: Literal["lora", "full"] = "lora"
+    """`lora`: train small low-rank adapters beside frozen weights; `full`: train every weight."""
+    lora_r: int = 8
+    """Rank of each LoRA adapter."""
+    lora_alpha: float = 16.0
+    """LoRA scale: an adapter's update is multiplied by lora_alpha / lora_r."""
+    lora_dropout: float = 0.05
+    """Dropout on the adapters' input while training."""
+    target_modules: list[str] | None = None
+    """Names of the linear layers that get adapters (e.g. [q_proj, v_proj]; tinylm: [qkv, proj, fc]); null: peft's
+    choice for known Hugging Face architectures, every hidden linear layer of a tinylm GPT."""
+    bits: Literal[4, 8] | None = None
+    """Load a Hugging Face base in 4-bit (NF4) or 8-bit weights for QLoRA; CUDA and bitsandbytes only."""
+    merge: bool = False
+    """Also save the model with the adapter folded into its weights, in out/model."""
+    max_length: int = 512
+    """Most tokens of one training sequence (also capped by the model's context)."""
+    pack: bool = False
+    """Lay examples end to end in rows of max_length tokens instead of one padded example per row."""
+    held_out_examples: int = 50
+    """Examples held out (spread evenly through the data) to measure the loss before and after."""
+    max_examples: int | None = None
+    """Use only the first this many examples of the data (null: all)."""
+    train: TrainConfig = field(default_factory=finetune_train_defaults)
+    """Steps, learning rate, batch and micro-batch size (gradient accumulation), precision, activation checkpointing,
+    warm-up, evaluation and logging intervals, seed, device, threads."""
+
+
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # The teaching baseline: each token looks up the logits of the next one; no context at all.
     "bigram": {"arch": "bigram", "n_layer": 0, "n_head": 1, "n_embd": 0, "tie_embeddings": False},
@@ -529,8 +575,9 @@ def config_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
-def explain_parse_error(message: str) -> str:
-    """Turn jsonargparse's multi-line messages into one line that names the key and the fix."""
+def explain_parse_error(message: str, keys: list[str] | None = None) -> str:
+    """Turn jsonargparse's multi-line messages into one line that names the key and the fix (`keys`: the valid
+    dotted keys, by default a run config's)."""
     unknown = re.search(
         r"(?:Group '(\w+)' does not accept option '([\w.-]+)'|does not accept option '([\w.-]+)'"
         r"|unrecognized arguments: --([\w.-]+)|Option '([\w.-]+)' is not accepted)",
@@ -539,7 +586,7 @@ def explain_parse_error(message: str) -> str:
     if unknown:
         group, in_group, *others = unknown.groups()
         key = f"{group}.{in_group}" if group else next(k for k in others if k)
-        return f"unknown config key '{key}'{_did_you_mean(key, config_keys())}"
+        return f"unknown config key '{key}'{_did_you_mean(key, keys or config_keys())}"
     wrong_type = re.search(
         r'Parser key "([\w.]+)":.*?Given value: (.*)$|Parser key "([\w.]+)":.*?Got value: (.*)$', message, re.S
     )
