@@ -29,11 +29,11 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from tinylm.config import Config, FinetuneConfig, check_config
+from tinylm.config import Config, FinetuneConfig, SampleConfig, check_config, check_sample_config
 from tinylm.data.instructions import IGNORE, Messages, TokenizedExamples, load_instructions
 from tinylm.device import resolve_device
 from tinylm.errors import TinylmError
-from tinylm.generate import generate_tokens
+from tinylm.generate import stream_text
 from tinylm.pretrained import ChatTokenizer, HuggingFaceLM, Pretrained, load_pretrained
 from tinylm.training.checkpoint import BEST_WEIGHTS, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from tinylm.training.optim import build_optimizers, build_schedulers
@@ -363,27 +363,16 @@ class ChatModel:
     model: nn.Module
     tokenizer: ChatTokenizer
 
-    def stream(
-        self,
-        prompt: str | Messages,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        seed: int | None = None,
-    ) -> Iterator[str]:
+    def stream(self, prompt: str | Messages, **options) -> Iterator[str]:
         """Yield the reply piece by piece: to a conversation (list of messages) through the chat template, or the
-        continuation of a plain text prompt. Stops at the end-of-turn token."""
+        continuation of a plain text prompt. Stops at the end-of-turn token. `options` are SampleConfig fields
+        (greedy, 256 new tokens unless given)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self.tokenizer.prompt_ids(prompt)
-        new_ids: list[int] = []
-        shown = ""
-        for token in generate_tokens(self.model, ids, max_new_tokens, temperature, top_k, seed):
-            if token in self.tokenizer.stop_ids:
-                break
-            new_ids.append(token)
-            text = self.tokenizer.decode(new_ids)
-            if not text.endswith("\ufffd"):  # wait for the rest of a character split across tokens
-                yield text[len(shown) :]
-                shown = text
+        sampling = SampleConfig(**{"max_new_tokens": 256, "temperature": 0.0, "top_k": None, **options})
+        check_sample_config(sampling)
+        for piece in stream_text(self.model, self.tokenizer, [ids], sampling, self.tokenizer.stop_ids):
+            if piece.text:
+                yield piece.text
 
     def reply(self, prompt: str | Messages, **options) -> str:
         return "".join(self.stream(prompt, **options))

@@ -125,6 +125,8 @@ class TinylmChatTokenizer(ChatTokenizer):
 class ContextConfig:
     block_size: int
     """The most positions the model attends to."""
+    vocab_size: int
+    """Width of the logits."""
 
 
 class HuggingFaceKVCache:
@@ -153,7 +155,7 @@ class HuggingFaceLM(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.hf = model
-        self.config = ContextConfig(block_size=model.config.max_position_embeddings)
+        self.config = ContextConfig(model.config.max_position_embeddings, model.config.vocab_size)
 
     def forward(
         self, tokens: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: HuggingFaceKVCache | None = None
