@@ -7,8 +7,9 @@ from torch import nn
 from tinylm.config import ModelConfig
 from tinylm.model.bigram import BigramLanguageModel
 from tinylm.model.gpt import GPT
+from tinylm.model.seq2seq import Seq2SeqTransformer
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"gpt": GPT, "bigram": BigramLanguageModel}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"gpt": GPT, "bigram": BigramLanguageModel, "seq2seq": Seq2SeqTransformer}
 
 
 def build_model(config: ModelConfig) -> nn.Module:

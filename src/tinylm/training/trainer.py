@@ -41,6 +41,10 @@ class TrainResult:
 
 def train(config: Config, overwrite: bool = False) -> TrainResult:
     """Train a model as `config` says and write the run folder `config.out`."""
+    if config.model.arch == "seq2seq":  # an encoder-decoder learns a synthetic task, in its own loop
+        from tinylm.training.copy_task_trainer import train_copy_task
+
+        return train_copy_task(config, overwrite)
     run_dir = Path(config.out)
     _claim_run_dir(run_dir, overwrite)
     torch.manual_seed(config.train.seed)
