@@ -75,6 +75,12 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--split", type=str, default="val", help="Which split of the run's data: train, val or test.")
     evaluate.add_argument("--json", action="store_true", help='Print one JSON object: {"val": {"loss": ...}}.')
     commands.add_subcommand("eval", evaluate, help="Evaluate a trained run on its validation data.")
+
+    translate = ArgumentParser(exit_on_error=False, description="Answer a sequence with a trained seq2seq run.")
+    translate.add_argument("run_dir", type=str, help="Run folder of `tinylm train configs/copy-task.yaml`.")
+    translate.add_argument("sequence", type=str, help='Symbols separated by spaces, e.g. "3 1 4 1 5".')
+    translate.add_argument("--attention", type=str | None, default=None, help="Also draw the cross-attention (PNG).")
+    commands.add_subcommand("translate", translate, help="Copy or reverse a sequence with a trained seq2seq run.")
     return parser
 
 
@@ -95,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
         except Exception as error:  # jsonargparse reports every parse problem as ArgumentError or ValueError
             raise TinylmError(explain_parse_error(str(error))) from None
-        return {"prepare": run_prepare, "generate": run_generate, "eval": run_eval}[args.command](args[args.command])
+        return {"prepare": run_prepare, "generate": run_generate, "eval": run_eval, "translate": run_translate}[
+            args.command
+        ](args[args.command])
     except TinylmError as error:
         print(f"tinylm: error: {error}", file=sys.stderr)
         return 1
@@ -174,4 +182,14 @@ def run_eval(args) -> int:
             f"{args.split}: loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f}, "
             f"{result.bpb:.4f} bits per byte, over {result.tokens:,} tokens"
         )
+    return 0
+
+
+def run_translate(args) -> int:
+    from tinylm.copy_task import load_copy_task
+
+    run = load_copy_task(args.run_dir)
+    print(run.translate(args.sequence))
+    if args.attention:
+        print(f"cross-attention drawn in {run.draw_attention(args.sequence, args.attention)}", file=sys.stderr)
     return 0

@@ -1,4 +1,5 @@
-"""Models: `build_model` turns a ModelConfig into a network; every network maps (B, T) ids to (B, T, vocab) logits."""
+"""Models: `build_model` turns a ModelConfig into a network. The language models map (B, T) ids to (B, T, vocab)
+logits; the seq2seq model maps source ids and target ids to logits over the next target token."""
 
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ self-attention over the target so far, then cross-attention from the target to t
 feed-forward network. As in the paper, one embedding matrix serves source and target (one shared vocabulary) and,
 with `tie_embeddings`, the output layer too.
 
-Normalisation is post-norm as in the paper: x = norm(x + sublayer(x)). It trains the small models here as fast as
-pre-norm does (both reach a perfect copy task in the same number of steps) and keeps the model the paper's.
+Normalisation is post-norm as in the paper: x = norm(x + sublayer(x)). Post-norm is known to need a learning-rate
+warm-up in deep stacks (pre-norm, as in gpt.py, does not); these models are two layers deep, train stably with a short
+warm-up, and so stay the paper's.
 
 Padding: sequences in a batch are padded with PAD (id 0) at their end. Source padding is masked out of every
 attention over the source. Target padding needs no mask: it sits after the real tokens, and causal attention never
