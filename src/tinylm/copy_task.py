@@ -110,15 +110,14 @@ def token_name(token: int) -> str:
 
 
 def parse_sequence(text: str, config: TaskConfig) -> Sequence:
-    """ "3 1 4 1 5" -> (3, 1, 4, 1, 5), or a one-line error saying what the model accepts."""
+    """Parse "3 1 4 1 5" into (3, 1, 4, 1, 5), or raise a one-line error saying what the model accepts."""
     what = f"a sequence of {config.min_length} to {config.max_length} symbols from 0 to {config.symbols - 1}"
     try:
         sequence = tuple(int(word) for word in text.replace(",", " ").split())
     except ValueError:
         raise TinylmError(f"{text!r} is not {what} separated by spaces, e.g. '3 1 4 1 5'") from None
-    if not config.min_length <= len(sequence) <= config.max_length or not all(
-        0 <= s < config.symbols for s in sequence
-    ):
+    symbols_known = all(0 <= s < config.symbols for s in sequence)
+    if not symbols_known or not config.min_length <= len(sequence) <= config.max_length:
         raise TinylmError(f"{text!r}: the model was trained on {what}; give one of those")
     return sequence
 
