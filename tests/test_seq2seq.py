@@ -13,6 +13,7 @@ from tinylm.copy_task import CopyTask
 from tinylm.errors import TinylmError
 from tinylm.model import build_model
 from tinylm.model.seq2seq import BOS, EOS, PAD, Seq2SeqTransformer
+from tinylm.training.copy_task_trainer import CopyTaskResult
 
 RECIPE = REPO / "configs" / "copy-task.yaml"
 VOCAB = 13  # 10 symbols after PAD, BOS, EOS
@@ -51,7 +52,7 @@ def quick_overrides(out, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def copy_run(tmp_path_factory) -> tinylm.train:
+def copy_run(tmp_path_factory) -> CopyTaskResult:
     out = tmp_path_factory.mktemp("copy") / "run"
     return tinylm.train(tinylm.load_config(RECIPE, quick_overrides(out)))
 
