@@ -153,6 +153,12 @@ def build_parser() -> ArgumentParser:
         finetune_parser(),
         help="Fine-tune a Hugging Face model, GGUF file or tinylm run on instruction data (LoRA, QLoRA or full).",
     )
+
+    translate = ArgumentParser(exit_on_error=False, description="Answer a sequence with a trained seq2seq run.")
+    translate.add_argument("run_dir", type=str, help="Run folder of `tinylm train configs/copy-task.yaml`.")
+    translate.add_argument("sequence", type=str, help='Symbols separated by spaces, e.g. "3 1 4 1 5".')
+    translate.add_argument("--attention", type=str | None, default=None, help="Also draw the cross-attention (PNG).")
+    commands.add_subcommand("translate", translate, help="Copy or reverse a sequence with a trained seq2seq run.")
     return parser
 
 
@@ -223,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             "info": run_info,
             "export": run_export,
             "import": run_import,
+            "translate": run_translate,
         }
         return commands[args.command](args[args.command])
     except TinylmError as error:
@@ -420,3 +427,13 @@ def _bare_switches_on(args: list[str]) -> list[str]:
         if arg in switches and (following or "").lower() not in ("true", "false"):
             result.append("true")
     return result
+
+
+def run_translate(args) -> int:
+    from tinylm.copy_task import load_copy_task
+
+    run = load_copy_task(args.run_dir)
+    print(run.translate(args.sequence))
+    if args.attention:
+        print(f"cross-attention drawn in {run.draw_attention(args.sequence, args.attention)}", file=sys.stderr)
+    return 0
