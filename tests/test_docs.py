@@ -26,19 +26,25 @@ def test_relative_links_lead_to_files(page):
         assert path.exists(), f"{page.name} links to {target}, which does not exist"
 
 
+def definition_line(source: list[str], dotted: str) -> int | None:
+    """The line number of `class A` / `def f`, or of `def f` inside `class A` for "A.f"."""
+    start = 0
+    for name in dotted.split("."):
+        definition = re.compile(rf"\s*(def|class) {name}\b")
+        start = next((n for n, text in enumerate(source[start:], start + 1) if definition.match(text)), None)
+        if start is None:
+            return None
+    return start
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(REPO)))
 def test_line_links_land_on_the_definition_they_name(page):
     for text, target in relative_links(page):
         line = re.fullmatch(r"(.+\.py)#L(\d+)", target)
-        if not line:
-            continue
-        name = text.strip("`").split(".")[-1]
-        definition = re.compile(rf"\s*(def|class) {name}\b")
-        source = (page.parent / line.group(1)).read_text().splitlines()
-        now = next((number for number, text in enumerate(source, 1) if definition.match(text)), None)
-        assert definition.match(source[int(line.group(2)) - 1]), (
-            f"{page.name}: {target} should point at the definition of {name}, which is now on line {now}"
-        )
+        if line:
+            source = (page.parent / line.group(1)).read_text().splitlines()
+            now = definition_line(source, text.strip("`"))
+            assert now == int(line.group(2)), f"{page.name}: {target} should point at {text}, now on line {now}"
 
 
 def test_every_guide_is_in_the_index():

@@ -95,13 +95,38 @@ def build_parser() -> ArgumentParser:
     )
     info.add_argument("--json", action="store_true", help="Print the figures as one JSON object.")
     commands.add_subcommand("info", info, help="What a model costs: parameters, FLOPs, KV cache, training memory.")
+
+    export = ArgumentParser(exit_on_error=False, description="Write a run as a Hugging Face folder or a GGUF file.")
+    export.add_argument("run_dir", type=str, help="Run folder written by `tinylm train` or `tinylm import`.")
+    export.add_argument(
+        "--to", type=Literal["hf", "gguf"], required=True, help="hf: a transformers folder; gguf: llama.cpp."
+    )
+    export.add_argument("out", type=str, help="The folder (hf) or .gguf file (gguf) to write.")
+    export.add_argument("--overwrite", action="store_true", help="Replace what is already at OUT.")
+    commands.add_subcommand("export", export, help="Export a run for transformers (hf) or llama.cpp (gguf).")
+
+    import_ = ArgumentParser(exit_on_error=False, description="Turn a GPT-2 or Llama-family model into a tinylm run.")
+    import_.add_argument(
+        "source",
+        type=str,
+        help="A Hugging Face model folder, a .gguf file, a hub name (online) or smollm2-135m-instruct.",
+    )
+    import_.add_argument("--out", type=str, required=True, help="Run folder to write.")
+    import_.add_argument("--overwrite", action="store_true", help="Replace the run already in the --out folder.")
+    commands.add_subcommand("import", import_, help="Import a Hugging Face or GGUF model as a tinylm run.")
     return parser
 
 
 def train_parser() -> ArgumentParser:
     parser = config_parser()
-    parser.usage = "tinylm train RECIPE.yaml [--out DIR] [--overwrite] [--section.key VALUE ...]"
+    parser.usage = (
+        "tinylm train RECIPE.yaml [--out DIR] [--overwrite] [--section.key VALUE ...]\n"
+        "       tinylm train --resume RUN_DIR [--train.key VALUE ...]"
+    )
     parser.add_argument("--overwrite", action="store_true", help="Replace the run already in the --out folder.")
+    parser.add_argument(
+        "--resume", type=str | None, default=None, help="Continue the run in this folder from its latest checkpoint."
+    )
     return parser
 
 
@@ -115,7 +140,14 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
         except Exception as error:  # jsonargparse reports every parse problem as ArgumentError or ValueError
             raise TinylmError(explain_parse_error(str(error))) from None
-        commands = {"prepare": run_prepare, "generate": run_generate, "eval": run_eval, "info": run_info}
+        commands = {
+            "prepare": run_prepare,
+            "generate": run_generate,
+            "eval": run_eval,
+            "info": run_info,
+            "export": run_export,
+            "import": run_import,
+        }
         return commands[args.command](args[args.command])
     except TinylmError as error:
         print(f"tinylm: error: {error}", file=sys.stderr)
@@ -126,11 +158,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_train(args: list[str]) -> int:
-    from tinylm.training.trainer import train
+    from tinylm.training.trainer import resume_config, train
 
     values = parse_user_values(train_parser(), args)
     overwrite = values.pop("overwrite", False)
-    result = train(resolve_config(values), overwrite=overwrite)
+    resume = values.pop("resume", None)
+    if resume:
+        result = train(resume_config(resume, values), resume=True)
+    else:
+        result = train(resolve_config(values), overwrite=overwrite)
     print(
         f"\nbest val loss {result.best_val_loss:.4f} after {result.steps} steps in {result.elapsed_s:.1f}s; "
         f"run saved in {result.run_dir}\n--- sample ---\n{result.sample}"
@@ -217,4 +253,24 @@ def run_info(args) -> int:
         )
     budget = model_budget(config.model, config.train.batch_size, args.precision, config.train.optimizer)
     print(json.dumps(budget.to_dict()) if args.json else format_budget(args.model, config.model, budget))
+    return 0
+
+
+def run_export(args) -> int:
+    from tinylm.hf import export_gguf, export_hf
+
+    export = export_hf if args.to == "hf" else export_gguf
+    print(f"wrote {export(args.run_dir, args.out, overwrite=args.overwrite)}")
+    return 0
+
+
+def run_import(args) -> int:
+    from tinylm.hf import import_model
+
+    result = import_model(args.source, args.out, overwrite=args.overwrite)
+    model = result.config
+    print(
+        f"imported {args.source} into {result.run_dir}: {model.n_layer} layers, {model.n_embd} wide, "
+        f"{model.positions} positions, {model.norm}, {model.mlp}; try `tinylm generate {result.run_dir}`"
+    )
     return 0

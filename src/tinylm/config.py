@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,8 +87,9 @@ class ModelConfig:
     """`layernorm` (GPT-2) or `rmsnorm` (Llama: scales by the root mean square, no centring, no bias)."""
     norm_eps: float = 1e-5
     """Epsilon added inside the norms' square root."""
-    mlp: Literal["gelu", "swiglu"] = "gelu"
-    """`gelu`: fc, GELU, proj (GPT-2). `swiglu`: proj(silu(gate(x)) * up(x)) (Llama)."""
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
+    """`gelu`: fc, GELU, proj. `gelu_tanh`: the same with GELU's tanh approximation, as the released GPT-2 weights
+    were trained. `swiglu`: proj(silu(gate(x)) * up(x)) (Llama)."""
     mlp_hidden_size: int | None = None
     """Width inside the MLP; null: 4 * n_embd for gelu, 8/3 * n_embd rounded up to a multiple of 64 for swiglu
     (the same parameters as gelu's 4 * n_embd with two matrices)."""
@@ -112,29 +113,43 @@ class ModelConfig:
         """The MLP's hidden width with the null default resolved."""
         if self.mlp_hidden_size is not None:
             return self.mlp_hidden_size
-        if self.mlp == "gelu":
+        if self.mlp != "swiglu":
             return 4 * self.n_embd
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation, evaluation and checkpointing."""
+    """Optimisation, precision, parallelism, evaluation, checkpointing and logging."""
 
     max_steps: int = 2000
     """Optimizer steps to run."""
     optimizer: Literal["adamw", "muon"] = "adamw"
     """`adamw`, or `muon`: Muon on the hidden matrices and AdamW (learning_rate) on embeddings, norms and biases."""
     batch_size: int = 32
-    """Sequences per optimizer step."""
+    """Sequences per optimizer step, summed over all processes: batch_size * model.block_size tokens per step."""
+    batch_tokens: int | None = None
+    """Tokens per optimizer step, summed over all processes. When set, batch_size = batch_tokens / model.block_size
+    (it must divide exactly; a batch_size given beside it must agree)."""
+    micro_batch_size: int | None = None
+    """Sequences per forward pass on each process; the batch is reached by accumulating gradients over micro-batches.
+    null: the whole per-process batch on CPU and MPS, the largest that fits in memory on CUDA."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on GPUs that have it, fp16 autocast with loss scaling on those that do not (T4), fp32
+    elsewhere."""
     learning_rate: float = 1e-3
     """Peak AdamW learning rate, reached at the end of warm-up."""
     muon_lr: float = 0.02
     """Peak Muon learning rate (optimizer: muon), on the same schedule."""
     muon_momentum: float = 0.95
     """Muon's Nesterov momentum."""
+    schedule: Literal["cosine", "linear", "wsd"] = "cosine"
+    """After warm-up: `cosine` or `linear` decay to the floor at max_steps, or `wsd` (warm-up, stable, decay): the
+    peak until the last decay_fraction of the steps, then a linear decay to the floor."""
+    decay_fraction: float = 0.2
+    """Share of max_steps spent decaying in the wsd schedule."""
     min_lr_ratio: float = 0.1
-    """The cosine schedule decays every learning rate to its peak * min_lr_ratio at max_steps."""
+    """The schedule decays every learning rate to its peak * min_lr_ratio at max_steps."""
     warmup_steps: int = 100
     """Steps of linear warm-up from zero."""
     weight_decay: float = 0.1
@@ -144,13 +159,34 @@ class TrainConfig:
     beta2: float = 0.99
     """AdamW beta2."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this value; 0 turns clipping off."""
+    """Clip the global gradient norm to this value; 0 turns clipping off (the norm is logged either way)."""
+    compile: bool | None = None
+    """torch.compile the model. null: on CUDA (a minute of compiling for faster steps), off elsewhere (on CPU it
+    compiled for 73 s and gained nothing)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations during the backward pass instead of keeping them: less memory, about a
+    third more compute."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun with several processes: `ddp` (a whole model copy per process) or `fsdp` (parameters,
+    gradients and optimizer state sharded over the processes, FSDP2), for models that do not fit one device."""
     eval_interval: int = 250
-    """Evaluate on the validation batches every this many steps (and at the last step)."""
+    """Evaluate on the validation batches, and save a checkpoint, every this many steps (and at the last step)."""
     eval_batches: int = 20
-    """Fixed validation batches per evaluation (the same batches every time)."""
+    """Fixed batches of batch_size sequences per evaluation (the same batches every time)."""
+    patience: int | None = None
+    """Stop early after this many evaluations without a better validation loss (null: never)."""
+    max_time: str | None = None
+    """Stop (with a checkpoint) after this much training time: seconds, or a number with s, m, h or d (`11h30m`)."""
+    keep_checkpoints: int = 1
+    """How many of the newest checkpoints/step-N folders to keep."""
+    on_nan: Literal["stop", "skip"] = "stop"
+    """On a NaN or infinite loss: `stop`, or `skip`: go back to the last checkpoint and continue with the next
+    batches (three times at most)."""
     log_interval: int = 10
     """Write a training record to metrics.jsonl every this many steps."""
+    log: Literal["none", "tensorboard", "wandb"] = "none"
+    """Also send metrics to TensorBoard (run folder tensorboard/) or Weights & Biases (`pip install wandb`;
+    WANDB_MODE=offline works)."""
     seed: int = 1337
     """Seeds weights, batches and dropout: the same seed gives the same run."""
     device: str = "auto"
@@ -343,8 +379,27 @@ def resolve_config(user_values: dict[str, Any], parser: ArgumentParser | None = 
     except Exception as error:
         raise TinylmError(explain_parse_error(str(error))) from None
     config = Config(**{key: value for key, value in vars(config).items() if key in _field_names(Config)})
+    config = _batch_from_tokens(config, "batch_size" in user_values.get("train", {}))
     check_config(config)
     return config
+
+
+def _batch_from_tokens(config: Config, batch_size_given: bool) -> Config:
+    """One rule: batch_size sequences of block_size tokens make a step; batch_tokens, when set, decides batch_size."""
+    train, block_size = config.train, config.model.block_size
+    if train.batch_tokens is None:
+        return config
+    if train.batch_tokens < 1 or train.batch_tokens % block_size:
+        raise TinylmError(
+            f"train.batch_tokens ({train.batch_tokens}) must be a positive multiple of model.block_size ({block_size})"
+        )
+    batch_size = train.batch_tokens // block_size
+    if batch_size_given and train.batch_size != batch_size:
+        raise TinylmError(
+            f"train.batch_size {train.batch_size} x model.block_size {block_size} is not train.batch_tokens "
+            f"{train.batch_tokens}; set only one of batch_size and batch_tokens"
+        )
+    return replace(config, train=replace(train, batch_size=batch_size))
 
 
 def check_config(config: Config) -> None:
@@ -379,14 +434,35 @@ def check_config(config: Config) -> None:
         raise TinylmError(f"data.shard_tokens must be at least 1, not {data.shard_tokens}")
     if data.num_proc is not None and data.num_proc < 1:
         raise TinylmError(f"data.num_proc must be at least 1, not {data.num_proc}")
-    for key in ("max_steps", "batch_size", "eval_interval", "eval_batches", "log_interval"):
+    for key in ("max_steps", "batch_size", "eval_interval", "eval_batches", "log_interval", "keep_checkpoints"):
         if getattr(train, key) < 1:
             raise TinylmError(f"train.{key} must be at least 1, not {getattr(train, key)}")
+    for key in ("micro_batch_size", "patience"):
+        if getattr(train, key) is not None and getattr(train, key) < 1:
+            raise TinylmError(f"train.{key} must be at least 1 (or null), not {getattr(train, key)}")
+    if train.micro_batch_size is not None and train.batch_size % train.micro_batch_size:
+        raise TinylmError(
+            f"train.batch_size ({train.batch_size}) must be a multiple of train.micro_batch_size "
+            f"({train.micro_batch_size}), the micro-batches accumulated into one step"
+        )
+    if not 0.0 < train.decay_fraction <= 1.0:
+        raise TinylmError(f"train.decay_fraction must be in (0, 1], not {train.decay_fraction}")
+    if train.max_time is not None:
+        parse_duration(train.max_time)
     for key in ("learning_rate", "muon_lr"):
         if getattr(train, key) <= 0:
             raise TinylmError(f"train.{key} must be positive, not {getattr(train, key)}")
     if config.sample.temperature < 0:
         raise TinylmError(f"sample.temperature must be 0 or more, not {config.sample.temperature}")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `3600`, `90s`, `45m`, `12h`, `1d` or a sum such as `1h30m`."""
+    units = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    parts = re.fullmatch(r"(?:\d+(?:\.\d+)?[smhd])+|\d+(?:\.\d+)?", text.strip())
+    if not parts:
+        raise TinylmError(f"train.max_time '{text}' is not a duration; write e.g. 3600, 90m, 12h or 1h30m")
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([smhd]?)", text))
 
 
 def config_keys(cls: type = Config, prefix: str = "") -> list[str]:

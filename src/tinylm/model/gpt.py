@@ -104,12 +104,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """gelu: proj(gelu(fc(x))). swiglu: proj(silu(gate(x)) * up(x)), a learned gate on each hidden unit."""
+    """gelu (or gelu_tanh): proj(gelu(fc(x))). swiglu: proj(silu(gate(x)) * up(x)), a learned gate per hidden unit."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden = config.mlp_width
         self.gated = config.mlp == "swiglu"
+        self.gelu_approximation = "tanh" if config.mlp == "gelu_tanh" else "none"
         if self.gated:
             self.gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
             self.up = nn.Linear(config.n_embd, hidden, bias=config.bias)
@@ -120,7 +121,9 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.silu(self.gate(x)) * self.up(x) if self.gated else F.gelu(self.fc(x))
+        hidden = (
+            F.silu(self.gate(x)) * self.up(x) if self.gated else F.gelu(self.fc(x), approximate=self.gelu_approximation)
+        )
         return self.dropout(self.proj(hidden))
 
 

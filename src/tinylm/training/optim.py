@@ -4,6 +4,9 @@
 `muon`: Muon (momentum, then Newton-Schulz orthogonalisation of each update) on the hidden matrices of the network,
 the linear layers between the embedding and the output layer, and AdamW on the rest, as Keller Jordan's Muon does.
 On small models Muon reaches a given loss in markedly fewer steps (BENCHMARKS.md).
+
+Schedules: a linear warm-up, then `cosine` or `linear` decay to a floor, or `wsd` (warm-up, stable, decay), which
+holds the peak and decays only at the end, so a run can be extended or branched from any checkpoint of its stable part.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ def build_optimizers(model: nn.Module, config: TrainConfig, device_type: str) ->
     muon_ids = {id(p) for p in hidden_matrices} if config.optimizer == "muon" else set()
     rest = [p for p in model.parameters() if id(p) not in muon_ids]
     # The fused kernel updates all parameters in one pass: 4.5x faster than the foreach path on CPU (BENCHMARKS.md).
+    fused = device_type in ("cpu", "cuda")
     adamw = torch.optim.AdamW(
         [
             {"params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay},
@@ -29,7 +33,8 @@ def build_optimizers(model: nn.Module, config: TrainConfig, device_type: str) ->
         ],
         lr=config.learning_rate,
         betas=(config.beta1, config.beta2),
-        fused=device_type in ("cpu", "cuda"),
+        fused=fused,
+        foreach=not fused,
     )
     if not muon_ids:
         return [adamw]
@@ -80,12 +85,18 @@ def orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 def learning_rate_factor(step: int, config: TrainConfig) -> float:
-    """Multiplier of every peak learning rate at `step`: a linear warm-up from 0 to 1 over warmup_steps, then a
-    cosine decay to min_lr_ratio at max_steps."""
+    """Multiplier of every peak learning rate at `step`: a linear warm-up from 0 to 1 over warmup_steps, then
+    config.schedule's way down to min_lr_ratio at max_steps."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
-    return config.min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - config.min_lr_ratio)
+    decay_start = config.warmup_steps
+    if config.schedule == "wsd":
+        decay_start = max(decay_start, config.max_steps - round(config.decay_fraction * config.max_steps))
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, config.max_steps - decay_start))
+    remaining = 0.5 * (1.0 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1.0 - progress
+    return config.min_lr_ratio + remaining * (1.0 - config.min_lr_ratio)
 
 
 def build_schedulers(optimizers: list[torch.optim.Optimizer], config: TrainConfig) -> list:

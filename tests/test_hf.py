@@ -1,0 +1,341 @@
+"""Hugging Face and GGUF interop: tinylm and transformers must compute the same logits from the same weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import SMALL_TEXT, run_cli, tiny_overrides
+
+import tinylm
+from tinylm.config import Config, ModelConfig
+from tinylm.generate import generate_tokens
+from tinylm.hf import (
+    export_gguf,
+    export_hf,
+    import_model,
+    resolve_source,
+    split_rotary_pairs,
+    tokenizers_backend,
+)
+from tinylm.model import build_model
+from tinylm.tokenizers import CharTokenizer, HuggingFaceTokenizer, TiktokenTokenizer, Tokenizer
+from tinylm.training.checkpoint import BEST_WEIGHTS, save_weights
+from tinylm.training.trainer import CONFIG_FILE
+
+transformers = pytest.importorskip("transformers")
+
+PROMPT = "All:\nSpeak, speak."  # with a dozen new tokens it stays inside the tiny models' 32 positions
+TEXT = "Citizen:\nAll resolved. Speak?"  # every character occurs in SMALL_TEXT, for the char tokenizer
+
+
+@pytest.fixture(autouse=True)
+def quiet_and_one_thread():
+    torch.set_num_threads(1)
+    transformers.utils.logging.disable_progress_bar()  # the tests read stderr
+
+
+def perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    """Move every parameter off its init (biases and norm weights included) so that a mapping slip shows; no dropout."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+
+
+def make_run(folder: Path, tokenizer: Tokenizer, **model_fields) -> tinylm.Run:
+    """A run folder as `tinylm train` leaves it, with random weights."""
+    fields = {"vocab_size": tokenizer.vocab_size, "block_size": 32, "n_layer": 2, "n_head": 4, "n_embd": 32}
+    config = Config(model=ModelConfig(**{**fields, **model_fields}), out=str(folder))
+    folder.mkdir()
+    config.save(folder / CONFIG_FILE)
+    tokenizer.save(folder)
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    perturb(model)
+    save_weights(model, folder / BEST_WEIGHTS)
+    return tinylm.load(folder, device="cpu")
+
+
+def bpe_tokenizer() -> HuggingFaceTokenizer:
+    return HuggingFaceTokenizer.train_bpe([SMALL_TEXT], 300)
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
+    end = tokenizer.decode([tokenizer.end_of_text])
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers_backend(tokenizer), eos_token=end, bos_token=end
+    ).save_pretrained(str(folder))
+
+
+def tinylm_logits(run: tinylm.Run, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return run.model(torch.tensor([ids]))[0][0]
+
+
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def assert_same_greedy(run: tinylm.Run, hf_model, ids: list[int], new_tokens: int = 12) -> None:
+    """transformers stops at an end-of-sequence token, tinylm goes on: they agree up to where transformers stopped."""
+    ours = list(generate_tokens(run.model, ids, new_tokens, temperature=0.0))
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)[0, len(ids) :]
+    theirs = theirs.tolist()
+    assert theirs == ours[: len(theirs)]
+    stops = hf_model.generation_config.eos_token_id
+    assert len(theirs) == new_tokens or theirs[-1] in (stops if isinstance(stops, list) else [stops])
+
+
+def assert_exported_matches(run: tinylm.Run, out: Path, model_class: str) -> None:
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert type(hf_model).__name__ == model_class
+    ids = run.tokenizer.encode(TEXT)
+    assert hf_tokenizer.encode(TEXT, add_special_tokens=False) == ids
+    assert hf_tokenizer.decode(ids) == TEXT
+    if not isinstance(run.tokenizer, CharTokenizer):  # byte-level: any text, spaces, digits and emoji included
+        tricky = "naïve café:  1234 ☕\n\n\tit's <b>done</b>  "
+        assert hf_tokenizer.encode(tricky, add_special_tokens=False) == run.tokenizer.encode(tricky)
+    torch.testing.assert_close(hf_logits(hf_model, ids), tinylm_logits(run, ids), atol=1e-4, rtol=1e-4)
+    assert_same_greedy(run, hf_model, run.tokenizer.encode(PROMPT))
+
+
+# --- Import -------------------------------------------------------------------------------------------------------
+
+
+def test_import_gpt2_folder_gives_the_same_logits_and_a_working_run(tmp_path, capsys):
+    tokenizer = bpe_tokenizer()
+    config = transformers.GPT2Config(
+        vocab_size=tokenizer.vocab_size,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        activation_function="gelu_new",  # GPT-2's own tanh GELU: imported as mlp gelu_tanh, exactly
+        bos_token_id=tokenizer.end_of_text,
+        eos_token_id=tokenizer.end_of_text,
+    )
+    torch.manual_seed(0)
+    hf_model = transformers.GPT2LMHeadModel(config)
+    perturb(hf_model)
+    hf_model.save_pretrained(str(tmp_path / "gpt2"))
+    save_hf_tokenizer(tokenizer, tmp_path / "gpt2")
+
+    code, out, err = run_cli(capsys, "import", str(tmp_path / "gpt2"), "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "2 layers" in out
+    run = tinylm.load(tmp_path / "run", device="cpu")
+    assert run.config.model.positions == "learned" and run.config.model.block_size == 64
+    ids = run.tokenizer.encode(PROMPT)
+    assert ids == tokenizer.encode(PROMPT)
+    torch.testing.assert_close(tinylm_logits(run, ids), hf_logits(hf_model, ids), atol=1e-4, rtol=1e-4)
+    assert_same_greedy(run, hf_model, ids)
+
+    code, out, err = run_cli(capsys, "generate", str(tmp_path / "run"), "--prompt", "All:", "--max-new-tokens", "5")
+    assert code == 0, err and out.startswith("All:")
+    # An existing run is never replaced unasked.
+    code, _, err = run_cli(capsys, "import", str(tmp_path / "gpt2"), "--out", str(tmp_path / "run"))
+    assert code == 1 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+
+
+def test_imported_run_evaluates_on_its_data(tmp_path, capsys, text_file):
+    config = transformers.GPT2Config(
+        vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=299, eos_token_id=299
+    )
+    tokenizer = bpe_tokenizer()
+    transformers.GPT2LMHeadModel(config).save_pretrained(str(tmp_path / "gpt2"))
+    save_hf_tokenizer(tokenizer, tmp_path / "gpt2")
+    result = import_model(str(tmp_path / "gpt2"), tmp_path / "run")
+    assert result.config.mlp == "gelu_tanh"  # GPT-2's default activation, computed as transformers does
+    saved = yaml.safe_load((tmp_path / "run" / CONFIG_FILE).read_text())
+    saved["data"]["source"] = str(text_file)
+    (tmp_path / "run" / CONFIG_FILE).write_text(yaml.safe_dump(saved))
+    code, out, err = run_cli(capsys, "eval", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "bits per byte" in out
+
+
+def test_import_llama_folder_with_grouped_query_attention(tmp_path):
+    tokenizer = bpe_tokenizer()
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    hf_model = transformers.LlamaForCausalLM(config)
+    perturb(hf_model)
+    hf_model.save_pretrained(str(tmp_path / "llama"))
+    save_hf_tokenizer(tokenizer, tmp_path / "llama")
+
+    run = tinylm.load(import_model(str(tmp_path / "llama"), tmp_path / "run").run_dir, device="cpu")
+    model = run.config.model
+    assert (model.positions, model.norm, model.mlp, model.n_kv_head, model.rope_theta) == (
+        "rope",
+        "rmsnorm",
+        "swiglu",
+        2,
+        500.0,
+    )
+    ids = run.tokenizer.encode(PROMPT)
+    torch.testing.assert_close(tinylm_logits(run, ids), hf_logits(hf_model, ids), atol=1e-4, rtol=1e-4)
+    assert_same_greedy(run, hf_model, ids)
+
+
+def test_import_refuses_what_tinylm_cannot_compute(tmp_path, capsys):
+    config = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4
+    )
+    config.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    transformers.LlamaForCausalLM(config).save_pretrained(str(tmp_path / "scaled"))
+    code, _, err = run_cli(capsys, "import", str(tmp_path / "scaled"), "--out", str(tmp_path / "run"))
+    assert code == 1 and "rope_type linear" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "import", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "run"))
+    assert code == 1 and "not found" in err
+    assert not (tmp_path / "run").exists()
+
+
+# --- Export -------------------------------------------------------------------------------------------------------
+
+
+def test_trained_char_run_exports_to_gpt2(tmp_path, capsys, text_file):
+
+    result = tinylm.train(tinylm.load_config(overrides=tiny_overrides(text_file, tmp_path / "run")))
+    code, _, err = run_cli(capsys, "export", str(result.run_dir), "--to", "hf", str(tmp_path / "hf"))
+    assert code == 0, err
+    assert_exported_matches(tinylm.load(result.run_dir, device="cpu"), tmp_path / "hf", "GPT2LMHeadModel")
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "fields"), [("bpe", {"bias": False, "tie_embeddings": False}), ("gpt2", {"bias": True})]
+)
+def test_classic_run_exports_to_gpt2(tmp_path, tokenizer, fields):
+    run = make_run(tmp_path / "run", bpe_tokenizer() if tokenizer == "bpe" else TiktokenTokenizer(), **fields)
+    assert_exported_matches(run, export_hf(run.path, tmp_path / "hf"), "GPT2LMHeadModel")
+
+
+@pytest.mark.parametrize("fields", [{"bias": False, "n_kv_head": 2, "tie_embeddings": False}, {"bias": True}])
+def test_llama_style_run_exports_to_llama(tmp_path, fields):
+    llama = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "rope_theta": 1000.0, "norm_eps": 1e-6}
+    run = make_run(tmp_path / "run", CharTokenizer.train([SMALL_TEXT]), **llama, **fields)
+    assert_exported_matches(run, export_hf(run.path, tmp_path / "hf"), "LlamaForCausalLM")
+
+
+LLAMA_STYLE = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "n_kv_head": 2}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"n_kv_head": 2}, "model.n_kv_head is 2"),
+        ({"positions": "rope", "norm": "layernorm", "mlp": "swiglu"}, "model.norm is layernorm"),
+        ({"mlp": "swiglu"}, "model.mlp is swiglu"),
+        ({**LLAMA_STYLE, "qk_norm": True}, "model.qk_norm is true"),
+        ({"arch": "bigram", "n_layer": 0, "n_embd": 0, "n_head": 1, "tie_embeddings": False}, "model.arch is bigram"),
+    ],
+)
+def test_export_refuses_models_a_class_cannot_express(tmp_path, capsys, fields, message):
+    make_run(tmp_path / "run", CharTokenizer.train([SMALL_TEXT]), **fields)
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "run"), "--to", "hf", str(tmp_path / "hf"))
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "hf").exists()
+
+
+def test_gguf_export_refusals_are_one_line(tmp_path, capsys):
+    make_run(tmp_path / "biased", bpe_tokenizer(), **{**LLAMA_STYLE, "bias": True})
+    make_run(tmp_path / "accents", CharTokenizer.train([SMALL_TEXT + "é"]), **LLAMA_STYLE)
+    for run, message in (("biased", "model.bias is true"), ("accents", "non-ASCII")):
+        code, _, err = run_cli(capsys, "export", str(tmp_path / run), "--to", "gguf", str(tmp_path / "m.gguf"))
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*.gguf*"))
+
+
+# --- GGUF ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "char"])
+def test_gguf_export_reads_back_and_loads_in_transformers(tmp_path, capsys, tokenizer):
+    gguf = pytest.importorskip("gguf")
+    tok = bpe_tokenizer() if tokenizer == "bpe" else CharTokenizer.train([SMALL_TEXT])
+    run = make_run(tmp_path / "run", tok, **LLAMA_STYLE, rope_theta=500.0)
+    code, _, err = run_cli(capsys, "export", str(run.path), "--to", "gguf", str(tmp_path / "model.gguf"))
+    assert code == 0, err
+
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    fields = {name: f.contents() for name, f in reader.fields.items()}
+    assert fields["general.architecture"] == "llama"
+    assert (fields["llama.block_count"], fields["llama.attention.head_count"]) == (2, 4)
+    assert fields["llama.attention.head_count_kv"] == 2 and fields["llama.rope.freq_base"] == 500.0
+    assert fields["llama.context_length"] == 32 and fields["tokenizer.ggml.eos_token_id"] == tok.end_of_text
+    assert len(fields["tokenizer.ggml.tokens"]) == tok.vocab_size
+    tensors = {t.name: torch.from_numpy(np.array(t.data)) for t in reader.tensors}
+    assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
+    state = run.model.state_dict()
+    q, k, v = state["blocks.1.attn.qkv.weight"].split([32, 16, 16])
+    torch.testing.assert_close(split_rotary_pairs(tensors["blk.1.attn_q.weight"], 4), q)
+    torch.testing.assert_close(split_rotary_pairs(tensors["blk.1.attn_k.weight"], 2), k)
+    torch.testing.assert_close(tensors["blk.1.attn_v.weight"], v)
+    torch.testing.assert_close(tensors["blk.0.ffn_down.weight"], state["blocks.0.mlp.proj.weight"])
+    torch.testing.assert_close(tensors["token_embd.weight"], state["token_embedding.weight"])
+
+    # The strong check: transformers' own GGUF reader undoes the permutation and computes the same logits.
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="model.gguf", dtype=torch.float32
+    )
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="model.gguf")
+    ids = run.tokenizer.encode(PROMPT)
+    assert hf_tokenizer.encode(PROMPT, add_special_tokens=False) == ids
+    torch.testing.assert_close(hf_logits(hf_model, ids), tinylm_logits(run, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_gguf_export_round_trips_through_import(tmp_path):
+    pytest.importorskip("gguf")
+    run = make_run(tmp_path / "run", bpe_tokenizer(), **LLAMA_STYLE)
+    export_gguf(run.path, tmp_path / "model.gguf")
+    back = tinylm.load(import_model(str(tmp_path / "model.gguf"), tmp_path / "back").run_dir, device="cpu")
+    ids = run.tokenizer.encode(PROMPT)
+    assert back.tokenizer.encode(PROMPT) == ids
+    torch.testing.assert_close(tinylm_logits(back, ids), tinylm_logits(run, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_llama_cpp_runs_the_exported_gguf(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it compiles llama.cpp)")
+    run = make_run(tmp_path / "run", bpe_tokenizer(), **LLAMA_STYLE)
+    export_gguf(run.path, tmp_path / "model.gguf")
+    llm = llama_cpp.Llama(str(tmp_path / "model.gguf"), logits_all=True, verbose=False)
+    ids = run.tokenizer.encode(PROMPT)
+    llm.eval(ids)
+    theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
+    torch.testing.assert_close(theirs, tinylm_logits(run, ids), atol=1e-3, rtol=1e-3)
+
+
+# --- The real pretrained model ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_imports_with_the_same_logits_and_answer(tmp_path):
+    folder, gguf_file = resolve_source("smollm2-135m-instruct")
+    run = tinylm.load(import_model("smollm2-135m-instruct", tmp_path / "smollm2").run_dir, device="cpu")
+    assert (run.config.model.n_layer, run.config.model.n_kv_head) == (30, 3)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(run.path))  # the imported copy, chat template too
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    torch.testing.assert_close(tinylm_logits(run, ids), hf_logits(hf_model, ids), atol=1e-4, rtol=1e-4)
+    ours = list(generate_tokens(run.model, ids, 12, temperature=0.0))
+    assert_same_greedy(run, hf_model, ids)
+    assert "Paris" in run.tokenizer.decode(ours)

@@ -1,0 +1,112 @@
+"""Training across processes: a run killed with SIGKILL resumes exactly, and `torchrun` with 2 CPU processes (gloo)
+trains what one process trains, under DDP and FSDP2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, tiny_overrides
+from safetensors.torch import load_file
+
+import tinylm
+from tinylm.cli import main
+from tinylm.training.checkpoint import latest_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def cli_args(overrides: dict) -> list[str]:
+    return [arg for key, value in overrides.items() for arg in (f"--{key}", str(value))]
+
+
+def run(command: list[str]) -> None:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode in (0, -9), done.stderr[-3000:]
+
+
+def read_records(run_dir) -> tuple[list, list]:
+    """Training records (step, loss, grad_norm, lr) and evaluation records (step, train and val loss)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["train_loss"], r["val_loss"]) for r in records if "val_loss" in r]
+    return steps, evals
+
+
+KILL_AT_STEP = """
+import os, signal, sys
+from tinylm.cli import main
+from tinylm.training.trainer import TrainingLoop
+
+step = TrainingLoop.train_step
+
+def killed_during_step(self):
+    if self.step + 1 == int(os.environ["KILL_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self)
+
+TrainingLoop.train_step = killed_during_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_run_killed_at_any_step_resumes_bitwise_identical(text_file, tmp_path):
+    # Dropout on, so that the RNG state matters too.
+    overrides = {"model.dropout": 0.1, "train.log_interval": 1, "train.eval_interval": 5, "train.keep_checkpoints": 2}
+    reference = tinylm.train(tinylm.load_config(None, tiny_overrides(text_file, tmp_path / "reference", **overrides)))
+
+    killed = tmp_path / "killed"
+    os.environ["KILL_AT_STEP"] = "13"
+    try:
+        run([sys.executable, "-c", KILL_AT_STEP, "train", *cli_args(tiny_overrides(text_file, killed, **overrides))])
+    finally:
+        del os.environ["KILL_AT_STEP"]
+    assert latest_checkpoint(killed).name == "step-0000010"
+    assert main(["train", "--resume", str(killed)]) == 0
+
+    assert read_records(killed) == read_records(reference.run_dir)
+    for name in ("model.safetensors", "checkpoints/step-0000020/model.safetensors"):
+        ours, theirs = load_file(killed / name), load_file(reference.run_dir / name)
+        assert all(torch.equal(ours[key], theirs[key]) for key in theirs), name
+
+
+def test_torchrun_ddp_then_fsdp_resumed_trains_what_one_process_trains(text_file, tmp_path):
+    # A constant learning rate after warm-up, so that a run of 4 steps resumed to 8 has the schedule of 8 steps.
+    overrides = {"train.log_interval": 1, "train.eval_interval": 4, "train.max_steps": 8, "train.min_lr_ratio": 1.0}
+    single = tinylm.train(tinylm.load_config(None, tiny_overrides(text_file, tmp_path / "single", **overrides)))
+
+    shared = tmp_path / "shared"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    first_half = tiny_overrides(text_file, shared, **{**overrides, "train.max_steps": 4, "train.parallel": "ddp"})
+    run([*torchrun, "-m", "tinylm", "train", *cli_args(first_half)])
+    run(
+        [
+            *torchrun,
+            "-m",
+            "tinylm",
+            "train",
+            "--resume",
+            str(shared),
+            "--train.max_steps",
+            "8",
+            "--train.parallel",
+            "fsdp",
+        ]
+    )
+
+    (steps, evals), (expected_steps, expected_evals) = read_records(shared), read_records(single.run_dir)
+    assert [s[0] for s in steps] == list(range(1, 9)) and [e[0] for e in evals] == [4, 8]
+    for ours, theirs in zip(steps + evals, expected_steps + expected_evals):
+        assert ours == pytest.approx(theirs, rel=1e-5)
+    ours, theirs = load_file(shared / "model.safetensors"), load_file(single.run_dir / "model.safetensors")
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
