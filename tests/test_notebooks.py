@@ -28,6 +28,21 @@ SMALL_SETTINGS = {
         "out/shakespeare-char/model.safetensors",
         "tinylm.run",
     ),
+    "02_tinystories.ipynb": (
+        {
+            "MAX_STEPS": 40,
+            "EVAL_INTERVAL": 20,
+            "EVAL_BATCHES": 2,
+            "VOCAB_SIZE": 512,
+            "N_LAYER": 2,
+            "N_EMBD": 64,
+            "BLOCK_SIZE": 64,
+            "MAX_NEW_TOKENS": 30,
+            "THREADS": 1,
+        },
+        "out/tinystories-llama-hf/model.safetensors",
+        "tinylm.hf",
+    ),
     "04_attention_is_all_you_need.ipynb": (
         {"MAX_STEPS": 120, "EVAL_INTERVAL": 40, "MAX_LENGTH": 6, "VAL_SEQUENCES": 50, "THREADS": 1, "EXAMPLE": "3 1 4"},
         "out/reverse-task/cross_attention.png",
