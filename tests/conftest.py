@@ -77,3 +77,30 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     code = main(list(args))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def untrained_run(folder: Path, tokenizer=None, text: str = SMALL_TEXT, **model) -> Path:
+    """A run folder with random weights (char tokenizer of `text` by default): all that generating, chatting,
+    serving and evaluating need, without training."""
+    import torch
+
+    from tinylm.config import load_config
+    from tinylm.model import build_model
+    from tinylm.tokenizers import CharTokenizer
+    from tinylm.training.checkpoint import BEST_WEIGHTS, save_weights
+    from tinylm.training.trainer import CONFIG_FILE
+
+    tokenizer = tokenizer or CharTokenizer.train([text])
+    text_file = folder / "text.txt"
+    folder.mkdir(parents=True, exist_ok=True)
+    text_file.write_text(text)
+    model = {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, **model, "vocab_size": tokenizer.vocab_size}
+    config = load_config(
+        None, {"data.source": str(text_file), "out": str(folder), **{f"model.{k}": v for k, v in model.items()}}
+    )
+    config.data.tokenizer = tokenizer.spec
+    config.save(folder / CONFIG_FILE)
+    tokenizer.save(folder)
+    torch.manual_seed(0)
+    save_weights(build_model(config.model), folder / BEST_WEIGHTS)
+    return folder

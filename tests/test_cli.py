@@ -78,7 +78,7 @@ def test_eval_prints_loss_perplexity_and_bits_per_byte_as_json(run_dir, capsys):
     code, out, _ = run_cli(capsys, "eval", str(run_dir), "--json")
     assert code == 0
     val = json.loads(out)["val"]
-    assert set(val) == {"loss", "perplexity", "bpb", "tokens"} and val["tokens"] > 0
+    assert set(val) == {"loss", "perplexity", "bpb", "tokens", "bytes"} and val["tokens"] > 0
     code, out, _ = run_cli(capsys, "eval", str(run_dir))
     assert out.startswith("val: loss ") and "bits per byte" in out
 
@@ -189,8 +189,9 @@ def test_the_demo_path_runs_end_to_end_as_a_user_runs_it(tmp_path, needs_mirror)
         timeout=120,
     )
     assert evaluate.returncode == 0
-    # Every character of the split after the first, then its end-of-text token: each predicted once.
-    assert json.loads(evaluate.stdout)["val"]["tokens"] == 111540
+    # Every character of the split, then its end-of-text token: each predicted once, so every byte is paid for.
+    result = json.loads(evaluate.stdout)["val"]
+    assert result["tokens"] == 111541 and result["bytes"] == 111540
 
 
 def test_prepare_reports_the_token_files_and_reuses_them(text_file, tmp_path, capsys):

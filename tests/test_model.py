@@ -210,36 +210,39 @@ def test_llama_style_model_trains():
 
 
 def greedy_without_cache(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """generate_tokens' policy written out with full forward passes: the window starts block_size back from the
-    prompt's end and, once it would pass block_size, restarts with the last block_size // 2 tokens."""
-    block_size, tokens = model.config.block_size, list(prompt)
-    start = max(0, len(prompt) - block_size)
+    """generate_tokens' policy written out with full forward passes: whenever the text would pass block_size, the
+    window restarts with its last three quarters of a block."""
+    block_size, tokens, start = model.config.block_size, list(prompt), 0
     for _ in range(max_new_tokens):
         if len(tokens) - start > block_size:
-            start = len(tokens) - block_size // 2
+            start = len(tokens) - (block_size - block_size // 4)
         with torch.no_grad():
             logits, _ = model(torch.tensor([tokens[start:]]))
         tokens.append(int(logits[0, -1].argmax()))
     return tokens[len(prompt) :]
 
 
-@pytest.mark.parametrize("options", [{}, LLAMA_STYLE], ids=["gpt2", "llama"])
-def test_cached_generation_follows_its_sliding_window_past_block_size(options):
+def generate(model, prompt: list[int], max_new_tokens: int, **sampling) -> list[int]:
+    from tinylm.config import SampleConfig
     from tinylm.generate import generate_tokens
 
+    steps = generate_tokens(model, [prompt], SampleConfig(max_new_tokens=max_new_tokens, top_k=None, **sampling))
+    return [token for (token,) in steps]
+
+
+@pytest.mark.parametrize("options", [{}, LLAMA_STYLE], ids=["gpt2", "llama"])
+def test_cached_generation_follows_its_sliding_window_past_block_size(options):
     model = small_gpt(**options).eval()
     prompt = torch.randint(0, 50, (20,), generator=torch.Generator().manual_seed(3)).tolist()  # longer than 16
-    generated = list(generate_tokens(model, prompt, 40, temperature=0))
+    generated = generate(model, prompt, 40, temperature=0)
     assert generated == greedy_without_cache(model, prompt, 40)
 
 
 def test_generation_is_deterministic_per_seed():
-    from tinylm.generate import generate_tokens
-
     model = small_gpt()  # freshly initialised: next-token distributions near uniform, so seeds disagree
 
     def sample(seed: int) -> list[int]:
-        return list(generate_tokens(model, [1, 2, 3], 30, temperature=1.0, seed=seed))
+        return generate(model, [1, 2, 3], 30, temperature=1.0, seed=seed)
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)

@@ -80,10 +80,11 @@ def test_evaluation_covers_the_whole_split_and_reports_bits_per_byte(text_file, 
     run = tinylm.load(train_tiny(text_file, tmp_path / "run").run_dir)
     result = run.evaluate("val")
     val_chars = len(text_file.read_text()) - int(len(text_file.read_text()) * 0.9)
-    assert result.tokens == val_chars  # the characters after the first, then the end-of-text token
+    assert result.tokens == val_chars + 1  # every character, then the end-of-text token
     assert result.perplexity == pytest.approx(math.exp(result.loss))
     # ASCII text: one byte per character; the end-of-text token stands for no bytes.
-    assert result.bpb == pytest.approx(result.loss * val_chars / (val_chars - 1) / math.log(2))
+    assert result.bytes == val_chars
+    assert result.bpb == pytest.approx(result.loss * (val_chars + 1) / val_chars / math.log(2))
 
 
 def test_a_dataset_shorter_than_one_context_window_is_refused(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import replace
@@ -66,17 +67,45 @@ def build_parser() -> ArgumentParser:
     generate = ArgumentParser(exit_on_error=False, description="Continue a prompt with a trained model, streaming.")
     generate.add_argument("run_dir", type=str, help="Run folder written by `tinylm train`.")
     generate.add_argument("--prompt", type=str | None, default=None, help="Text to continue (default: the run's).")
-    generate.add_argument("--max-new-tokens", type=int | None, default=None, help="Tokens to generate.")
-    generate.add_argument("--temperature", type=float | None, default=None, help="0 is greedy; higher is more varied.")
-    generate.add_argument("--top-k", type=int | None, default=None, help="Sample among the k likeliest tokens only.")
-    generate.add_argument("--seed", type=int | None, default=None, help="Same seed and prompt, same text.")
+    add_sampling_arguments(generate)
     commands.add_subcommand("generate", generate, help="Sample text from a trained run.")
 
+    chat = ArgumentParser(exit_on_error=False, description="Talk with a model interactively; replies stream.")
+    chat.add_argument("run_dir", type=str, help="Run folder written by `tinylm train` (or `tinylm finetune`).")
+    chat.add_argument("--system", type=str | None, default=None, help="A system message (chat-template models).")
+    add_sampling_arguments(chat)
+    commands.add_subcommand("chat", chat, help="Chat with a run in the terminal (/help inside for commands).")
+
     evaluate = ArgumentParser(exit_on_error=False, description="Loss, perplexity and bits per byte on a data split.")
-    evaluate.add_argument("run_dir", type=str, help="Run folder written by `tinylm train`.")
-    evaluate.add_argument("--split", type=str, default="val", help="Which split of the run's data: train, val or test.")
+    evaluate.add_argument(
+        "model",
+        type=str,
+        help="A tinylm run folder, or a Hugging Face causal LM: a local folder, a .gguf file or a hub name (online).",
+    )
+    evaluate.add_argument(
+        "--data", type=str | None, default=None, help="A source as for `tinylm prepare` (default: the run's data)."
+    )
+    evaluate.add_argument("--subset", type=str | None, default=None, help="A named part of --data (e.g. head10k).")
+    evaluate.add_argument("--text-field", type=str, default="text", help="Field or column of --data holding the text.")
+    evaluate.add_argument("--split", type=str, default="val", help="Which split of the data: train, val or test.")
+    evaluate.add_argument(
+        "--block-size", type=int | None, default=None, help="Context per window (default: the model's; 1024 for HF)."
+    )
+    evaluate.add_argument(
+        "--stride", type=int | None, default=None, help="Tokens between windows (default: --block-size, no overlap)."
+    )
     evaluate.add_argument("--json", action="store_true", help='Print one JSON object: {"val": {"loss": ...}}.')
-    commands.add_subcommand("eval", evaluate, help="Evaluate a trained run on its validation data.")
+    commands.add_subcommand("eval", evaluate, help="Evaluate a run or a Hugging Face model on a split of text.")
+
+    serve = ArgumentParser(exit_on_error=False, description="An OpenAI-compatible API and a web playground.")
+    serve.add_argument("run_dir", type=str, help="Run folder written by `tinylm train`.")
+    serve.add_argument("--host", type=str, default="127.0.0.1", help="Address to listen on (default: this machine).")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port.")
+    serve.add_argument("--max-prompt-tokens", type=int, default=4096, help="Longest prompt accepted, in tokens.")
+    serve.add_argument("--max-tokens", type=int, default=1024, help="Most new tokens one request may ask for.")
+    serve.add_argument("--max-concurrent", type=int, default=4, help="Requests generating at once; more get 429.")
+    serve.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, mps.")
+    commands.add_subcommand("serve", serve, help="Serve a run over HTTP on localhost (`pip install 'tinylm[serve]'`).")
 
     info = ArgumentParser(
         exit_on_error=False, description="Parameters, FLOPs per token, KV-cache size and training memory of a model."
@@ -117,6 +146,24 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def add_sampling_arguments(parser: ArgumentParser) -> None:
+    """Options that override the run's `sample` config (unset: the run's value)."""
+    parser.add_argument("--max-new-tokens", type=int | None, default=None, help="Tokens to generate.")
+    parser.add_argument("--temperature", type=float | None, default=None, help="0 is greedy; higher is more varied.")
+    parser.add_argument("--top-k", type=int | None, default=None, help="Sample among the k likeliest tokens (0: all).")
+    parser.add_argument("--top-p", type=float | None, default=None, help="Sample among the likeliest tokens whose "
+                        "probabilities reach p (1: all).")  # fmt: skip
+    parser.add_argument("--min-p", type=float | None, default=None, help="Drop tokens less likely than min-p times "
+                        "the likeliest (0: none).")  # fmt: skip
+    parser.add_argument("--repetition-penalty", type=float | None, default=None, help="Above 1 discourages repeats.")
+    parser.add_argument("--stop", type=list[str] | None, default=None, help="Strings that end the text, e.g. "
+                        "--stop '[\"\\n\\n\"]'.")  # fmt: skip
+    parser.add_argument("--seed", type=int | None, default=None, help="Same seed and prompt, same text.")
+
+
+SAMPLING_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "stop", "seed")
+
+
 def train_parser() -> ArgumentParser:
     parser = config_parser()
     parser.usage = (
@@ -144,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             "prepare": run_prepare,
             "generate": run_generate,
             "eval": run_eval,
+            "chat": run_chat,
+            "serve": run_serve,
             "info": run_info,
             "export": run_export,
             "import": run_import,
@@ -205,32 +254,68 @@ def run_generate(args) -> int:
     from tinylm.run import load
 
     run = load(args.run_dir)
-    options = {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "seed": args.seed,
-    }
     prompt = run.config.sample.prompt if args.prompt is None else args.prompt
+    pieces = run.stream(prompt, **{key: args[key] for key in SAMPLING_OPTIONS})
     sys.stdout.write(prompt)
-    for piece in run.stream(prompt, **options):
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
 
 
-def run_eval(args) -> int:
+def run_chat(args) -> int:
+    from tinylm.chat import ChatSession, chat_loop
     from tinylm.run import load
 
-    result = load(args.run_dir).evaluate(args.split)
+    run = load(args.run_dir)
+    sampling = run.sampling(**{key: args[key] for key in SAMPLING_OPTIONS})
+    if args.seed is None:  # a chat should not answer the same question the same way every time
+        sampling.seed = None
+    with contextlib.suppress(ImportError):  # line editing and history for input(), where the platform has it
+        import readline  # noqa: F401
+    chat_loop(ChatSession(run, sampling, args.system))
+    return 0
+
+
+def run_eval(args) -> int:
+    from pathlib import Path
+
+    from tinylm.evaluate import evaluate_huggingface
+    from tinylm.training.trainer import CONFIG_FILE
+
+    data = None
+    if args.data is not None:
+        data = DataConfig(source=args.data, subset=args.subset, text_field=args.text_field)
+    if (Path(args.model) / CONFIG_FILE).is_file():
+        from tinylm.run import load
+
+        result = load(args.model).evaluate(args.split, data, args.stride, args.block_size)
+    elif data is None:
+        raise TinylmError(
+            f"{args.model} is not a tinylm run folder (no {CONFIG_FILE}); to evaluate a Hugging Face model instead, "
+            "give the text to evaluate it on with --data SOURCE"
+        )
+    else:
+        result = evaluate_huggingface(args.model, data, args.split, args.stride, args.block_size)
     if args.json:
         print(json.dumps({args.split: result.to_dict()}))
     else:
         print(
             f"{args.split}: loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f}, "
-            f"{result.bpb:.4f} bits per byte, over {result.tokens:,} tokens"
+            f"{result.bpb:.4f} bits per byte, over {result.tokens:,} tokens ({result.bytes:,} bytes)"
         )
+    return 0
+
+
+def run_serve(args) -> int:
+    from tinylm.serve import ServeLimits, serve
+
+    for key in ("max_prompt_tokens", "max_tokens", "max_concurrent"):
+        if args[key] < 1:
+            raise TinylmError(f"--{key.replace('_', '-')} must be at least 1, not {args[key]}")
+    limits = ServeLimits(args.max_prompt_tokens, args.max_tokens, args.max_concurrent)
+    serve(args.run_dir, args.host, args.port, limits, args.device)
     return 0
 
 

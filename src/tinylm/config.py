@@ -206,9 +206,17 @@ class SampleConfig:
     temperature: float = 0.8
     """Softmax temperature; 0 picks the most likely token every time."""
     top_k: int | None = 200
-    """Sample only among the k most likely tokens (null: all)."""
-    seed: int = 1337
-    """Seed of the sampler: the same seed and prompt give the same text."""
+    """Sample only among the k most likely tokens (null or 0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling: only the smallest set of likeliest tokens whose probabilities reach top_p (1: all)."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the likeliest token (0: keep all)."""
+    repetition_penalty: float = 1.0
+    """Make tokens already in the text less likely: above 1 penalises repeats (1: off)."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end the text; the text is cut just before the first one."""
+    seed: int | None = 1337
+    """Seed of the sampler: the same seed and prompt give the same text (null: a different text each time)."""
 
 
 @dataclass
@@ -452,8 +460,25 @@ def check_config(config: Config) -> None:
     for key in ("learning_rate", "muon_lr"):
         if getattr(train, key) <= 0:
             raise TinylmError(f"train.{key} must be positive, not {getattr(train, key)}")
-    if config.sample.temperature < 0:
-        raise TinylmError(f"sample.temperature must be 0 or more, not {config.sample.temperature}")
+    check_sample_config(config.sample, "sample.")
+
+
+def check_sample_config(sample: SampleConfig, prefix: str = "") -> None:
+    """Reject sampling settings that cannot work; `prefix` names where they came from (`sample.` in a recipe)."""
+    if sample.max_new_tokens < 0:
+        raise TinylmError(f"{prefix}max_new_tokens must be 0 or more, not {sample.max_new_tokens}")
+    if sample.temperature < 0:
+        raise TinylmError(f"{prefix}temperature must be 0 or more, not {sample.temperature}")
+    if sample.top_k is not None and sample.top_k < 0:
+        raise TinylmError(f"{prefix}top_k must be 0 (all tokens) or more, not {sample.top_k}")
+    if not 0 < sample.top_p <= 1:
+        raise TinylmError(f"{prefix}top_p must be in (0, 1], not {sample.top_p}")
+    if not 0 <= sample.min_p < 1:
+        raise TinylmError(f"{prefix}min_p must be in [0, 1), not {sample.min_p}")
+    if sample.repetition_penalty <= 0:
+        raise TinylmError(f"{prefix}repetition_penalty must be positive (1: off), not {sample.repetition_penalty}")
+    if any(not stop for stop in sample.stop):
+        raise TinylmError(f"{prefix}stop strings must not be empty")
 
 
 def parse_duration(text: str) -> float:

@@ -1,16 +1,35 @@
-"""Loss, perplexity and bits per byte of a model over a whole token split."""
+"""Loss, perplexity and bits per byte of a language model over a whole split of text, with a sliding window.
+
+The split's documents become one token stream: a separator token, then each document followed by the separator. Every
+token after the first is predicted exactly once, so every byte of every document is paid for. The model reads the
+stream in windows of `block_size` tokens that start `stride` tokens apart and scores only the tokens no earlier window
+scored: with stride = block_size the windows do not overlap (fast); a smaller stride gives each token at least
+block_size - stride tokens of context (a better estimate of what the model does with a full context, at
+block_size / stride times the cost).
+
+Bits per byte = total nats / ln 2 / UTF-8 bytes of the documents. It does not depend on the tokenizer, so a tinylm
+model and a Hugging Face model (tokenizing the same text with its own tokenizer) compare on the same bytes.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from tinylm.data.loader import TokenShards
+from tinylm.config import DataConfig
+from tinylm.data.documents import open_source
+from tinylm.errors import TinylmError
+from tinylm.tokenizers import END_OF_TEXT_NAMES
+
+LOGITS_PER_BATCH = 1 << 27
+"""Most logits held at once (512 MB of fp32): windows are batched up to this, whatever the vocabulary."""
+HF_DEFAULT_CONTEXT = 1024
+"""Context for Hugging Face models unless --block-size says otherwise: their full context is slow on a CPU."""
 
 
 @dataclass
@@ -19,44 +38,123 @@ class EvalResult:
     """Mean cross-entropy per predicted token, in nats."""
     perplexity: float
     bpb: float
-    """Bits per UTF-8 byte of the predicted text: comparable across tokenizers."""
+    """Bits per UTF-8 byte of the text: comparable across tokenizers."""
     tokens: int
     """Tokens predicted."""
+    bytes: int
+    """UTF-8 bytes of the text the predicted tokens spell."""
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
 
 
+def document_tokens(
+    documents: Iterable[str], encode: Callable[[str], list[int]], separator: int
+) -> tuple[torch.Tensor, int]:
+    """The token stream of the documents (separator, doc, separator, doc, ..., separator) and their UTF-8 bytes."""
+    stream, total_bytes, count = [separator], 0, 0
+    for document in documents:
+        stream += encode(document)
+        stream.append(separator)
+        total_bytes += len(document.encode())
+        count += 1
+    if count == 0:
+        raise TinylmError("the split holds no documents; choose another --split (train, val or test)")
+    return torch.tensor(stream, dtype=torch.long), total_bytes
+
+
+def sliding_windows(n_tokens: int, block_size: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """(begin, end, scored) per window: inputs tokens[begin:end] predict tokens[begin+1:end+1], of which the last
+    `scored` are new. Together the windows score tokens 1 .. n_tokens-1 once each."""
+    scored_until, end = 0, min(block_size, n_tokens - 1)
+    while True:
+        yield max(end - block_size, 0), end, end - scored_until
+        if end == n_tokens - 1:
+            return
+        scored_until, end = end, min(end + stride, n_tokens - 1)
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, split: TokenShards, token_bytes: np.ndarray, batch_size: int = 32) -> EvalResult:
-    """Predict every token of the split once, in consecutive windows of the model's context.
+def evaluate(
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    tokens: torch.Tensor,
+    text_bytes: int,
+    block_size: int,
+    stride: int | None = None,
+    vocab_size: int = 1,
+    device: torch.device | str = "cpu",
+) -> EvalResult:
+    """Score the token stream `tokens` (1-D) with `logits_of` ((B, T) ids -> (B, T, vocab) logits)."""
+    stride = block_size if stride is None else stride
+    if not 1 <= stride <= block_size:
+        raise TinylmError(f"--stride must be between 1 and the context ({block_size}), not {stride}")
+    if len(tokens) < 2:
+        raise TinylmError("the split is too short to evaluate: it needs at least one token to predict")
+    batch_size = max(1, LOGITS_PER_BATCH // (block_size * vocab_size))
+    nats, predicted = 0.0, 0
 
-    Bits per byte = total nats / ln 2 / total UTF-8 bytes of the predicted tokens, so a tokenizer that packs more text
-    into a token is not rewarded for it.
-    """
-    device = next(model.parameters()).device
-    block_size = model.config.block_size
-    was_training = model.training
-    model.eval()
-    byte_lengths = torch.as_tensor(token_bytes, device=device)
-    totals = {"nats": 0.0, "tokens": 0, "bytes": 0}
+    def score(batch: list[tuple[int, int, int]]) -> float:
+        windows = torch.stack([tokens[begin : end + 1] for begin, end, _ in batch]).to(device)
+        scored = batch[0][2]
+        logits = logits_of(windows[:, :-1])[:, -scored:]
+        return F.cross_entropy(logits.flatten(0, 1).float(), windows[:, -scored:].flatten(), reduction="sum").item()
 
-    def score(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        inputs, targets = (torch.stack(t).to(device) for t in zip(*batch))
-        logits, _ = model(inputs)
-        totals["nats"] += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
-        totals["tokens"] += targets.numel()
-        totals["bytes"] += int(byte_lengths[targets].sum())
-
-    batch: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for window in split.sequential_windows(block_size):
-        if batch and (len(batch) == batch_size or len(window[0]) != len(batch[0][0])):
-            score(batch)
+    batch: list[tuple[int, int, int]] = []
+    for window in sliding_windows(len(tokens), block_size, stride):
+        begin, end, scored = window
+        if batch and (len(batch) == batch_size or (end - begin, scored) != (batch[0][1] - batch[0][0], batch[0][2])):
+            nats += score(batch)
             batch = []
         batch.append(window)
-    if batch:
-        score(batch)
-    model.train(was_training)
-    loss = totals["nats"] / totals["tokens"]
-    bpb = totals["nats"] / math.log(2) / max(totals["bytes"], 1)
-    return EvalResult(loss=loss, perplexity=math.exp(loss), bpb=bpb, tokens=totals["tokens"])
+        predicted += scored
+    nats += score(batch)
+    loss = nats / predicted
+    return EvalResult(loss, math.exp(loss), nats / math.log(2) / max(text_bytes, 1), predicted, text_bytes)
+
+
+def evaluate_huggingface(
+    name: str, data: DataConfig, split: str, stride: int | None = None, block_size: int | None = None
+) -> EvalResult:
+    """Evaluate a Hugging Face causal LM (a local folder, a hub name, or a .gguf file) on the split's text,
+    tokenized with the model's own tokenizer."""
+    model, tokenizer = load_huggingface_model(name)
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    block_size = block_size or min(context or HF_DEFAULT_CONTEXT, HF_DEFAULT_CONTEXT)
+    if context is not None and block_size > context:
+        raise TinylmError(f"--block-size {block_size} is longer than {name}'s context of {context} tokens")
+    vocabulary = tokenizer.get_vocab()
+    separators = [vocabulary.get(name) for name in END_OF_TEXT_NAMES] + [tokenizer.bos_token_id, tokenizer.eos_token_id]
+    separator = next((token for token in separators if token is not None), None)
+    if separator is None:
+        raise TinylmError(f"the tokenizer of {name} has no beginning- or end-of-text token to separate texts with")
+    tokenizer.model_max_length = 1 << 62  # whole documents are encoded; the windows keep the model within its context
+    documents = open_source(data).split_documents(split)
+    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    tokens, text_bytes = document_tokens(documents, encode, separator)
+    return evaluate(lambda ids: model(ids).logits, tokens, text_bytes, block_size, stride, len(tokenizer), model.device)
+
+
+def load_huggingface_model(name: str):
+    """A transformers causal LM and its tokenizer, in eval mode."""
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise TinylmError("evaluating Hugging Face models needs transformers: pip install 'tinylm[hf]'") from None
+    path = Path(name).expanduser()
+    where, options = name, {}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise TinylmError(f"GGUF file not found: {path}")
+        where, options = str(path.parent), {"gguf_file": path.name}
+    elif path.exists():
+        where = str(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **options)
+        model = AutoModelForCausalLM.from_pretrained(where, **options)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TinylmError(
+            f"cannot load '{name}' as a Hugging Face causal LM ({reason}); give a tinylm run folder, a local model "
+            "folder, a .gguf file, or a hub name while online"
+        ) from None
+    return model.eval(), tokenizer

@@ -42,7 +42,7 @@ from tinylm.config import Config, parse_duration, resolve_config
 from tinylm.data.loader import TokenShards
 from tinylm.data.prepare import prepare
 from tinylm.errors import TinylmError
-from tinylm.generate import encode_prompt, generate_tokens
+from tinylm.generate import encode_prompt, stream_text
 from tinylm.model import build_model, count_parameters
 from tinylm.tokenizers import Tokenizer
 from tinylm.training.checkpoint import (
@@ -449,9 +449,10 @@ class TrainingLoop:
     def sample(self) -> str:
         """The run's sample prompt continued by the current weights (every process computes it: FSDP needs all)."""
         s = self.config.sample
-        tokens = list(generate_tokens(self.model, self.prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed))
+        pieces = stream_text(self.model, self.tokenizer, [self.prompt], s, [self.tokenizer.end_of_text])
+        text = "".join(piece.text for piece in pieces)
         reshard(self.model)
-        return s.prompt + self.tokenizer.decode(tokens)
+        return s.prompt + text
 
     def save_checkpoint(self) -> Path | None:
         """Gather the whole training state (every process takes part) and write it from rank 0."""

@@ -1,0 +1,134 @@
+"""Decoding speed on CPU: tinylm with its KV cache, tinylm without it, and transformers' `generate` on the same weights.
+
+A ~15M-parameter GPT-2-style model (random weights: speed does not depend on what the weights say) continues a
+16-token prompt greedily for 512 new tokens, all three in one process with the same thread count. The transformers
+model is a GPT2LMHeadModel given tinylm's weights here (GELU exact, biases on), checked to give the same logits.
+
+    OMP_NUM_THREADS=1 python bench/decode.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from tinylm.config import ModelConfig, SampleConfig
+from tinylm.generate import generate_tokens
+from tinylm.model import build_model, count_parameters
+
+SLM_15M = ModelConfig(vocab_size=8192, block_size=1024, n_layer=6, n_head=6, n_embd=384, bias=True)
+
+
+def gpt2_twin(model: torch.nn.Module):
+    """The same network as a transformers GPT2LMHeadModel (its Conv1D layers store weights transposed)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    config = GPT2Config(
+        vocab_size=c.vocab_size,
+        n_positions=c.block_size,
+        n_embd=c.n_embd,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        activation_function="gelu",  # tinylm's nn.GELU() is the exact one; GPT-2's default is the tanh approximation
+        layer_norm_epsilon=c.norm_eps,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    twin = GPT2LMHeadModel(config).eval()
+    names = {"attn_norm": "ln_1", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "mlp_norm": "ln_2"}
+    names |= {"mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
+    state = {
+        "transformer.wte.weight": model.token_embedding.weight,
+        "transformer.wpe.weight": model.position_embedding.weight,
+    }
+    state |= {"transformer.ln_f.weight": model.final_norm.weight, "transformer.ln_f.bias": model.final_norm.bias}
+    for i, block in enumerate(model.blocks):
+        for ours, theirs in names.items():
+            module = block.get_submodule(ours)
+            conv1d = isinstance(module, torch.nn.Linear)
+            state[f"transformer.h.{i}.{theirs}.weight"] = module.weight.T if conv1d else module.weight
+            state[f"transformer.h.{i}.{theirs}.bias"] = module.bias
+    missing, unexpected = twin.load_state_dict({k: v.detach().contiguous() for k, v in state.items()}, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    twin.tie_weights()
+    return twin
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=512)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build_model(SLM_15M).eval()
+    prompt = torch.randint(0, SLM_15M.vocab_size, (args.prompt_tokens,)).tolist()
+    sampling = SampleConfig(max_new_tokens=args.new_tokens, temperature=0)
+
+    def tinylm_decode(use_cache: bool) -> list[int]:
+        return [token for (token,) in generate_tokens(model, [prompt], sampling, use_cache=use_cache)]
+
+    tinylm_decode(True)  # warm-up: first-call allocations
+    results = {}
+    seconds, cached = timed(lambda: tinylm_decode(True))
+    results["tinylm_kv_cache"] = args.new_tokens / seconds
+    seconds, uncached = timed(lambda: tinylm_decode(False))
+    results["tinylm_no_cache"] = args.new_tokens / seconds
+    assert cached == uncached, "cached and uncached greedy decoding disagree"
+
+    twin = gpt2_twin(model)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        assert torch.allclose(twin(ids).logits, model(ids)[0], atol=1e-4), "the transformers twin computes otherwise"
+
+    def transformers_decode() -> list[int]:
+        with torch.no_grad():
+            out = twin.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        return out[0, len(prompt) :].tolist()
+
+    transformers_decode()
+    seconds, theirs = timed(transformers_decode)
+    results["transformers_generate"] = args.new_tokens / seconds
+    agreement = sum(a == b for a, b in zip(cached, theirs)) / args.new_tokens
+    report = {
+        "model": {
+            "parameters": count_parameters(model)["total"],
+            **{k: getattr(SLM_15M, k) for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")},
+        },
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "threads": args.threads,
+        "tokens_per_s": {name: round(value, 1) for name, value in results.items()},
+        "kv_cache_speedup": round(results["tinylm_kv_cache"] / results["tinylm_no_cache"], 2),
+        "vs_transformers": round(results["tinylm_kv_cache"] / results["transformers_generate"], 2),
+        "greedy_tokens_equal_to_transformers": agreement,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Load on `tinylm serve` over loopback: N completion requests, C at a time; failures and latency percentiles.
+
+The server is the real command (`python -m tinylm serve`) in its own process, on 127.0.0.1 and a free port, serving a
+run folder made here: a ~15M-parameter GPT (random weights) with a character vocabulary. Each request asks for
+--max-tokens tokens at temperature 0.8 with its own seed. Everything is bounded: a timeout per request and overall.
+
+    OMP_NUM_THREADS=1 python bench/serve_load.py --requests 200 --concurrency 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import torch
+from decode import SLM_15M  # bench/decode.py: the script's folder is on the path
+
+from tinylm.config import Config
+from tinylm.model import build_model, count_parameters
+from tinylm.tokenizers import CharTokenizer
+from tinylm.training.checkpoint import BEST_WEIGHTS, save_weights
+from tinylm.training.trainer import CONFIG_FILE
+
+PROMPTS = ["Once upon a time", "The little dog", "She opened the door and", "In the morning, Tom"]
+
+
+def random_run(folder: Path) -> int:
+    """A run folder a server can load: config, character tokenizer, random weights. Returns the parameter count."""
+    tokenizer = CharTokenizer.train([string.printable])
+    config = Config(model=replace(SLM_15M, vocab_size=tokenizer.vocab_size), out=str(folder))
+    folder.mkdir(parents=True)
+    config.save(folder / CONFIG_FILE)
+    tokenizer.save(folder)
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    save_weights(model, folder / BEST_WEIGHTS)
+    return count_parameters(model)["total"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--timeout", type=float, default=120.0, help="Seconds per request.")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "bench-15m"
+        parameters = random_run(run_dir)
+        port = free_port()
+        command = [sys.executable, "-m", "tinylm", "serve", str(run_dir), "--port", str(port)]
+        command += ["--max-concurrent", str(args.concurrency), "--device", "cpu"]
+        server = subprocess.Popen(command, env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"the server did not start: {server.stderr.read().decode()[-2000:]}")
+                time.sleep(0.2)
+
+            def request(index: int) -> tuple[bool, float, int]:
+                body = {
+                    "model": run_dir.name,
+                    "prompt": PROMPTS[index % len(PROMPTS)],
+                    "max_tokens": args.max_tokens,
+                    "temperature": 0.8,
+                    "seed": index,
+                }
+                start = time.perf_counter()
+                try:
+                    response = httpx.post(url + "/v1/completions", json=body, timeout=args.timeout)
+                    ok = response.status_code == 200
+                    tokens = response.json()["usage"]["completion_tokens"] if ok else 0
+                except httpx.HTTPError:
+                    ok, tokens = False, 0
+                return ok, time.perf_counter() - start, tokens
+
+            start = time.perf_counter()
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                results = list(pool.map(request, range(args.requests)))
+            elapsed = time.perf_counter() - start
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    latencies = sorted(seconds for ok, seconds, _ in results if ok)
+    if len(latencies) < 2:
+        raise SystemExit(f"{args.requests - len(latencies)} of {args.requests} requests failed")
+    quantiles = statistics.quantiles(latencies, n=100)
+    report = {
+        "model_parameters": parameters,
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "failures": sum(not ok for ok, _, _ in results),
+        "latency_s": {"p50": round(quantiles[49], 3), "p95": round(quantiles[94], 3), "max": round(latencies[-1], 3)},
+        "requests_per_s": round(args.requests / elapsed, 2),
+        "completion_tokens_per_s": round(sum(tokens for _, _, tokens in results) / elapsed, 1),
+        "wall_s": round(elapsed, 1),
+        "torch_threads_env": os.environ.get("OMP_NUM_THREADS"),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

