@@ -43,6 +43,20 @@ SMALL_SETTINGS = {
         "out/tinystories-llama-hf/model.safetensors",
         "tinylm.hf",
     ),
+    "03_finetune_lora.ipynb": (
+        {
+            "MAX_EXAMPLES": 24,
+            "HELD_OUT": 4,
+            "MAX_LENGTH": 96,
+            "MAX_STEPS": 2,
+            "BATCH_SIZE": 2,
+            "LORA_R": 4,
+            "MAX_NEW_TOKENS": 12,
+            "THREADS": 1,
+        },
+        "out/smollm2-gsm8k-lora/adapter_model.safetensors",
+        "tinylm.finetune",
+    ),
     "04_attention_is_all_you_need.ipynb": (
         {"MAX_STEPS": 120, "EVAL_INTERVAL": 40, "MAX_LENGTH": 6, "VAL_SEQUENCES": 50, "THREADS": 1, "EXAMPLE": "3 1 4"},
         "out/reverse-task/cross_attention.png",
