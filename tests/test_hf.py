@@ -11,7 +11,7 @@ import yaml
 from conftest import SMALL_TEXT, run_cli, tiny_overrides
 
 import tinylm
-from tinylm.config import Config, ModelConfig
+from tinylm.config import Config, ModelConfig, SampleConfig
 from tinylm.generate import generate_tokens
 from tinylm.hf import (
     export_gguf,
@@ -82,9 +82,14 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0]
 
 
+def greedy_tokens(model, ids: list[int], new_tokens: int) -> list[int]:
+    steps = generate_tokens(model, [ids], SampleConfig(max_new_tokens=new_tokens, temperature=0.0, top_k=None))
+    return [token for (token,) in steps if token is not None]
+
+
 def assert_same_greedy(run: tinylm.Run, hf_model, ids: list[int], new_tokens: int = 12) -> None:
     """transformers stops at an end-of-sequence token, tinylm goes on: they agree up to where transformers stopped."""
-    ours = list(generate_tokens(run.model, ids, new_tokens, temperature=0.0))
+    ours = greedy_tokens(run.model, ids, new_tokens)
     with torch.no_grad():
         theirs = hf_model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)[0, len(ids) :]
     theirs = theirs.tolist()
@@ -336,6 +341,6 @@ def test_smollm2_imports_with_the_same_logits_and_answer(tmp_path):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     torch.testing.assert_close(tinylm_logits(run, ids), hf_logits(hf_model, ids), atol=1e-4, rtol=1e-4)
-    ours = list(generate_tokens(run.model, ids, 12, temperature=0.0))
+    ours = greedy_tokens(run.model, ids, 12)
     assert_same_greedy(run, hf_model, ids)
     assert "Paris" in run.tokenizer.decode(ours)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Literal
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from tinylm.config import (
     Config,
     DataConfig,
+    FinetuneConfig,
+    TrainConfig,
+    _underscored,
     check_config,
+    config_keys,
     config_of_model,
     config_parser,
     explain_parse_error,
@@ -143,6 +147,33 @@ def build_parser() -> ArgumentParser:
     import_.add_argument("--out", type=str, required=True, help="Run folder to write.")
     import_.add_argument("--overwrite", action="store_true", help="Replace the run already in the --out folder.")
     commands.add_subcommand("import", import_, help="Import a Hugging Face or GGUF model as a tinylm run.")
+
+    commands.add_subcommand(
+        "finetune",
+        finetune_parser(),
+        help="Fine-tune a Hugging Face model, GGUF file or tinylm run on instruction data (LoRA, QLoRA or full).",
+    )
+
+    translate = ArgumentParser(exit_on_error=False, description="Answer a sequence with a trained seq2seq run.")
+    translate.add_argument("run_dir", type=str, help="Run folder of `tinylm train configs/copy-task.yaml`.")
+    translate.add_argument("sequence", type=str, help='Symbols separated by spaces, e.g. "3 1 4 1 5".')
+    translate.add_argument("--attention", type=str | None, default=None, help="Also draw the cross-attention (PNG).")
+    commands.add_subcommand("translate", translate, help="Copy or reverse a sequence with a trained seq2seq run.")
+    return parser
+
+
+def finetune_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        exit_on_error=False,
+        usage="tinylm finetune --base BASE --data DATA [--lora | --full] [--merge] [--out DIR] [--train.key VALUE ...]",
+        description="Fine-tune on instruction data; the held-out loss before and after is printed and recorded.",
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of these options.")
+    parser.add_class_arguments(FinetuneConfig, None, as_group=False)
+    parser.add_argument("--lora", action="store_true", help="Train LoRA adapters (the default; --method lora).")
+    parser.add_argument("--full", action="store_true", help="Train every weight (--method full).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace the fine-tune already in the --out folder.")
+    parser.add_argument("--resume", action="store_true", help="Continue the fine-tune in --out from its checkpoint.")
     return parser
 
 
@@ -183,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
             return run_train(argv[1:])
+        if argv[:1] == ["finetune"] and not {"-h", "--help"} & set(argv):
+            return run_finetune(argv[1:])
         try:
             args = parser.parse_args(argv)
         except Exception as error:  # jsonargparse reports every parse problem as ArgumentError or ValueError
@@ -196,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             "info": run_info,
             "export": run_export,
             "import": run_import,
+            "translate": run_translate,
         }
         return commands[args.command](args[args.command])
     except TinylmError as error:
@@ -358,4 +392,48 @@ def run_import(args) -> int:
         f"imported {args.source} into {result.run_dir}: {model.n_layer} layers, {model.n_embd} wide, "
         f"{model.positions} positions, {model.norm}, {model.mlp}; try `tinylm generate {result.run_dir}`"
     )
+    return 0
+
+
+def run_finetune(args: list[str]) -> int:
+    from tinylm.finetune import finetune
+
+    try:
+        values = finetune_parser().parse_args(_bare_switches_on([_underscored(arg) for arg in args])).as_dict()
+    except Exception as error:  # jsonargparse reports every parse problem as ArgumentError or ValueError
+        raise TinylmError(explain_parse_error(str(error), config_keys(FinetuneConfig))) from None
+    values.pop("config", None)
+    lora, full, overwrite, resume = (values.pop(key) for key in ("lora", "full", "overwrite", "resume"))
+    if lora and full:
+        raise TinylmError("--lora and --full exclude each other; choose one")
+    if full:
+        values["method"] = "full"
+    config = FinetuneConfig(**{**values, "train": TrainConfig(**values["train"])})
+    result = finetune(config, overwrite=overwrite, resume=resume)
+    print(
+        f"\nheld-out loss {result.held_out_loss_before:.4f} before, {result.held_out_loss_after:.4f} after "
+        f"{result.steps} steps ({result.trainable_parameters:,} parameters trained, {result.elapsed_s:.1f}s); "
+        f"saved in {result.out}"
+    )
+    return 0
+
+
+def _bare_switches_on(args: list[str]) -> list[str]:
+    """`--merge` alone means `--merge true` (jsonargparse wants a value after every boolean option)."""
+    switches = {f"--{f.name}" for f in fields(FinetuneConfig) if f.type == "bool"}
+    result = []
+    for arg, following in zip(args, [*args[1:], None]):
+        result.append(arg)
+        if arg in switches and (following or "").lower() not in ("true", "false"):
+            result.append("true")
+    return result
+
+
+def run_translate(args) -> int:
+    from tinylm.copy_task import load_copy_task
+
+    run = load_copy_task(args.run_dir)
+    print(run.translate(args.sequence))
+    if args.attention:
+        print(f"cross-attention drawn in {run.draw_attention(args.sequence, args.attention)}", file=sys.stderr)
     return 0

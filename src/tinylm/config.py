@@ -60,8 +60,9 @@ class ModelConfig:
 
     preset: str | None = None
     """A named model (`bigram`, `nanogpt-shakespeare-char`, ...), or null to set every field here."""
-    arch: Literal["gpt", "bigram"] = "gpt"
-    """`gpt`: decoder-only Transformer. `bigram`: one embedding lookup from token to next-token logits."""
+    arch: Literal["gpt", "bigram", "seq2seq"] = "gpt"
+    """`gpt`: decoder-only Transformer. `bigram`: one embedding lookup from token to next-token logits. `seq2seq`:
+    the encoder-decoder Transformer (n_layer encoder and n_layer decoder layers), trained on the `task` section."""
     vocab_size: int | None = None
     """Size of the token vocabulary; null takes it from the tokenizer."""
     block_size: int = 256
@@ -220,6 +221,29 @@ class SampleConfig:
 
 
 @dataclass
+class TaskConfig:
+    """The synthetic sequence-to-sequence task a `seq2seq` model learns (model.arch: seq2seq; other models ignore it).
+
+    Sequences of symbols `0 .. symbols-1` with random lengths; the model reads one and writes it back (`copy`) or
+    backwards (`reverse`). Held-out sequences are never trained on."""
+
+    kind: Literal["copy", "reverse"] = "copy"
+    """`copy`: write the sequence as it is; `reverse`: write it last symbol first."""
+    symbols: int = 10
+    """Distinct symbols a sequence is made of."""
+    min_length: int = 1
+    """Shortest sequence."""
+    max_length: int = 16
+    """Longest sequence; model.block_size must be at least max_length + 1 (room for EOS and BOS)."""
+    val_sequences: int = 1000
+    """Distinct held-out sequences that measure exact-sequence accuracy (and are never trained on)."""
+    label_smoothing: float = 0.0
+    """Share of each target's probability spread evenly over the vocabulary in the training loss (the paper: 0.1)."""
+    stop_accuracy: float | None = None
+    """Stop training at the first evaluation whose held-out exact-sequence accuracy reaches this (null: never)."""
+
+
+@dataclass
 class Config:
     """A whole run: one section per part, and the folder it writes."""
 
@@ -227,6 +251,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     out: str = "out/run"
     """Run folder: config, tokenizer, checkpoints, metrics and samples go here."""
 
@@ -241,6 +266,52 @@ _GPT2_BPE = {"vocab_size": 50257}  # GPT-2's byte-level BPE (tokenizer gpt2), al
 _TINYSTORIES = {**_GPT2_BPE, "block_size": 2048, "n_head": 16}  # the paper's GPT-Neo models, learned positions
 _LLAMA = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "tie_embeddings": True}
 _LLAMA2_C = {**_LLAMA, "vocab_size": 32000}  # Karpathy's llama2.c TinyStories models (Llama 2's tokenizer)
+
+
+def finetune_train_defaults() -> TrainConfig:
+    """Fine-tuning moves a trained model a little: a lower learning rate, short warm-up, few steps, no decay."""
+    return TrainConfig(
+        max_steps=200, batch_size=8, learning_rate=2e-4, warmup_steps=10, weight_decay=0.0, eval_interval=50
+    )
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run: the base model, the data, the method and the training schedule."""
+
+    base: str
+    """A Hugging Face model name or folder, a .gguf file, a tinylm run folder, or smollm2-135m-instruct."""
+    data: str
+    """Instruction data: gsm8k, alpaca, or a .jsonl/.json file of Alpaca-form or chat-form examples."""
+    out: str = "out/finetune"
+    """Folder for the adapter, the merged model, metrics and checkpoints."""
+    method: Literal["lora", "full"] = "lora"
+    """`lora`: train small low-rank adapters beside frozen weights; `full`: train every weight."""
+    lora_r: int = 8
+    """Rank of each LoRA adapter."""
+    lora_alpha: float = 16.0
+    """LoRA scale: an adapter's update is multiplied by lora_alpha / lora_r."""
+    lora_dropout: float = 0.05
+    """Dropout on the adapters' input while training."""
+    target_modules: list[str] | None = None
+    """Names of the linear layers that get adapters (e.g. [q_proj, v_proj]; tinylm: [qkv, proj, fc]); null: peft's
+    choice for known Hugging Face architectures, every hidden linear layer of a tinylm GPT."""
+    bits: Literal[4, 8] | None = None
+    """Load a Hugging Face base in 4-bit (NF4) or 8-bit weights for QLoRA; CUDA and bitsandbytes only."""
+    merge: bool = False
+    """Also save the model with the adapter folded into its weights, in out/model."""
+    max_length: int = 512
+    """Most tokens of one training sequence (also capped by the model's context)."""
+    pack: bool = False
+    """Lay examples end to end in rows of max_length tokens instead of one padded example per row."""
+    held_out_examples: int = 50
+    """Examples held out (spread evenly through the data) to measure the loss before and after."""
+    max_examples: int | None = None
+    """Use only the first this many examples of the data (null: all)."""
+    train: TrainConfig = field(default_factory=finetune_train_defaults)
+    """Steps, learning rate, batch and micro-batch size (gradient accumulation), precision, activation checkpointing,
+    warm-up, evaluation and logging intervals, seed, device, threads."""
+
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # The teaching baseline: each token looks up the logits of the next one; no context at all.
@@ -413,9 +484,11 @@ def _batch_from_tokens(config: Config, batch_size_given: bool) -> Config:
 def check_config(config: Config) -> None:
     """Reject values that type-check but cannot work, with the fix in the message."""
     model, train, data = config.model, config.train, config.data
-    if model.arch == "gpt":
+    if model.arch in ("gpt", "seq2seq"):
         if model.n_layer < 1 or model.n_embd < 1 or model.n_head < 1:
-            raise TinylmError("model.n_layer, model.n_head and model.n_embd must be at least 1 for a gpt model")
+            raise TinylmError(
+                f"model.n_layer, model.n_head and model.n_embd must be at least 1 for a {model.arch} model"
+            )
         if model.n_embd % model.n_head:
             raise TinylmError(f"model.n_embd ({model.n_embd}) must be a multiple of model.n_head ({model.n_head})")
         if model.n_kv_head is not None and (model.n_kv_head < 1 or model.n_head % model.n_kv_head):
@@ -461,6 +534,33 @@ def check_config(config: Config) -> None:
         if getattr(train, key) <= 0:
             raise TinylmError(f"train.{key} must be positive, not {getattr(train, key)}")
     check_sample_config(config.sample, "sample.")
+    if model.arch == "seq2seq":
+        check_task_config(config)
+
+
+def check_task_config(config: Config) -> None:
+    task = config.task
+    if task.symbols < 2:
+        raise TinylmError(f"task.symbols must be at least 2, not {task.symbols}")
+    if not 1 <= task.min_length <= task.max_length:
+        raise TinylmError(
+            f"task.min_length ({task.min_length}) must be at least 1 and at most task.max_length ({task.max_length})"
+        )
+    if config.model.block_size < task.max_length + 1:
+        raise TinylmError(
+            f"model.block_size ({config.model.block_size}) must be at least task.max_length + 1 "
+            f"({task.max_length + 1}): a sequence plus its EOS or BOS"
+        )
+    distinct = sum(task.symbols**length for length in range(task.min_length, task.max_length + 1))
+    if not 1 <= task.val_sequences <= distinct // 2:
+        raise TinylmError(
+            f"task.val_sequences ({task.val_sequences}) must be between 1 and half the {distinct} distinct sequences, "
+            "so that most are left to train on; lower it or raise task.max_length or task.symbols"
+        )
+    if not 0.0 <= task.label_smoothing < 1.0:
+        raise TinylmError(f"task.label_smoothing must be in [0, 1), not {task.label_smoothing}")
+    if task.stop_accuracy is not None and not 0.0 < task.stop_accuracy <= 1.0:
+        raise TinylmError(f"task.stop_accuracy must be in (0, 1] or null, not {task.stop_accuracy}")
 
 
 def check_sample_config(sample: SampleConfig, prefix: str = "") -> None:
@@ -506,6 +606,7 @@ SECTION_NAMES: dict[str, type] = {
     "model": ModelConfig,
     "train": TrainConfig,
     "sample": SampleConfig,
+    "task": TaskConfig,
 }
 
 
@@ -529,8 +630,9 @@ def config_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
-def explain_parse_error(message: str) -> str:
-    """Turn jsonargparse's multi-line messages into one line that names the key and the fix."""
+def explain_parse_error(message: str, keys: list[str] | None = None) -> str:
+    """Turn jsonargparse's multi-line messages into one line that names the key and the fix (`keys`: the valid
+    dotted keys, by default a run config's)."""
     unknown = re.search(
         r"(?:Group '(\w+)' does not accept option '([\w.-]+)'|does not accept option '([\w.-]+)'"
         r"|unrecognized arguments: --([\w.-]+)|Option '([\w.-]+)' is not accepted)",
@@ -539,7 +641,7 @@ def explain_parse_error(message: str) -> str:
     if unknown:
         group, in_group, *others = unknown.groups()
         key = f"{group}.{in_group}" if group else next(k for k in others if k)
-        return f"unknown config key '{key}'{_did_you_mean(key, config_keys())}"
+        return f"unknown config key '{key}'{_did_you_mean(key, keys or config_keys())}"
     wrong_type = re.search(
         r'Parser key "([\w.]+)":.*?Given value: (.*)$|Parser key "([\w.]+)":.*?Got value: (.*)$', message, re.S
     )

@@ -86,6 +86,11 @@ def load(path: str | Path, device: str = "auto") -> Run:
             "give the --out folder of a finished `tinylm train`"
         )
     config = resolve_config(yaml.safe_load((path / CONFIG_FILE).read_text()))
+    if config.model.arch == "seq2seq":
+        raise TinylmError(
+            f"{path} holds a seq2seq model, which answers sequences rather than continuing text; "
+            f'use `tinylm translate {path} "3 1 4 1 5"` or tinylm.load_copy_task()'
+        )
     tokenizer = load_tokenizer(path)
     model = build_model(config.model).to(resolve_device(device))
     load_weights(model, path / BEST_WEIGHTS)

@@ -96,6 +96,10 @@ def open_source(config: DataConfig) -> DocumentSource:
         return _huggingface_source(source[3:], field, config.val_fraction)
     if source in SOURCES:
         dataset = SOURCES[source]
+        if dataset.instructions:
+            raise TinylmError(
+                f"'{source}' is an instruction set for fine-tuning: use `tinylm finetune --data {source}`"
+            )
         remotes = source_files(dataset, config.subset)
         name = dataset.name if config.subset is None else f"{dataset.name}-{config.subset}"
         fingerprint = "|".join(remote.sha256 for remote in remotes)

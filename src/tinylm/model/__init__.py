@@ -1,4 +1,5 @@
-"""Models: `build_model` turns a ModelConfig into a network; every network maps (B, T) ids to (B, T, vocab) logits."""
+"""Models: `build_model` turns a ModelConfig into a network. The language models map (B, T) ids to (B, T, vocab)
+logits; the seq2seq model maps source ids and target ids to logits over the next target token."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from torch import nn
 from tinylm.config import ModelConfig
 from tinylm.model.bigram import BigramLanguageModel
 from tinylm.model.gpt import GPT
+from tinylm.model.seq2seq import Seq2SeqTransformer
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"gpt": GPT, "bigram": BigramLanguageModel}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"gpt": GPT, "bigram": BigramLanguageModel, "seq2seq": Seq2SeqTransformer}
 
 
 def build_model(config: ModelConfig) -> nn.Module:

@@ -21,9 +21,14 @@ from tinylm.config import TrainConfig
 
 def build_optimizers(model: nn.Module, config: TrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
     output_layer = getattr(model, "lm_head", None)
-    hidden_matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m is not output_layer]
+    hidden_matrices = [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and m is not output_layer and m.weight.requires_grad
+    ]
     muon_ids = {id(p) for p in hidden_matrices} if config.optimizer == "muon" else set()
-    rest = [p for p in model.parameters() if id(p) not in muon_ids]
+    # Frozen parameters (a fine-tune's base weights) get no optimizer state.
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in muon_ids]
     # The fused kernel updates all parameters in one pass: 4.5x faster than the foreach path on CPU (BENCHMARKS.md).
     fused = device_type in ("cpu", "cuda")
     adamw = torch.optim.AdamW(

@@ -79,6 +79,12 @@ class TrainResult:
 def train(config: Config, overwrite: bool = False, resume: bool = False) -> TrainResult:
     """Train a model as `config` says and write the run folder `config.out`; `resume` continues the run there from
     its latest checkpoint. Under torchrun, every process calls this."""
+    if config.model.arch == "seq2seq":  # an encoder-decoder learns a synthetic task, in its own loop
+        from tinylm.training.copy_task_trainer import train_copy_task
+
+        if resume:
+            raise TinylmError("a seq2seq run cannot be resumed; train it again (it takes about a minute)")
+        return train_copy_task(config, overwrite)
     processes = start_processes(config.train.device)
     try:
         return _train(config, overwrite, resume, processes)

@@ -1,0 +1,211 @@
+"""Instruction data for fine-tuning: conversations rendered with a chat template, as token ids with labels on the
+responses only.
+
+A file (.jsonl, one object per line, or .json, a list of objects) holds examples in either form:
+- Alpaca: {"instruction": ..., "input": ... (may be empty or absent), "output": ...}
+- chat:   {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}
+An Alpaca example is read as a two-message chat: the user says the instruction (and, after a blank line, the input),
+the assistant answers the output. So both forms take one path from here on.
+
+Each conversation is rendered with the tokenizer's own chat template, or DEFAULT_CHAT_TEMPLATE when it has none. The
+model learns only what the assistant says: every other token gets the label IGNORE (-100), which the loss skips.
+Rendering and encoding go piece by piece (prompt, response, prompt, response, ...), exactly as a chat is encoded when
+the model answers: the prompt is encoded on its own and the reply's tokens follow it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tinylm.data.sources import SOURCES, fetch
+from tinylm.errors import TinylmError
+
+IGNORE = -100
+"""The label of a token the loss skips (PyTorch's cross_entropy ignore_index)."""
+
+# For tokenizers without a chat template (GPT-2's, tinylm's own). Markdown-like headers that any byte-level tokenizer
+# encodes; the answer ends with the end-of-text token, so generation knows when to stop.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '### ' ~ message['role'] | capitalize ~ ':\\n' ~ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
+)
+
+Messages = list[dict[str, str]]
+Render = Callable[[Messages, bool], str]
+"""(messages, add_generation_prompt) -> the conversation as text."""
+Encode = Callable[[str], list[int]]
+"""Rendered text -> token ids, the template's special tokens included."""
+
+
+@dataclass
+class InstructionData:
+    train: list[Messages]
+    held_out: list[Messages]
+
+
+def read_examples(path: Path) -> list[Messages]:
+    """Every example of a .jsonl or .json file, as a conversation; a malformed one stops with its place named."""
+    try:
+        if path.suffix == ".jsonl":
+            lines = path.read_text(encoding="utf-8").splitlines()
+            records = [(f"{path}:{n}", json.loads(line)) for n, line in enumerate(lines, 1) if line.strip()]
+        elif path.suffix == ".json":
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(loaded, list):
+                raise TinylmError(f"{path} must hold a JSON list of examples, not a {type(loaded).__name__}")
+            records = [(f"{path} example {n}", record) for n, record in enumerate(loaded, 1)]
+        else:
+            raise TinylmError(f"{path}: instruction data must be a .jsonl or .json file of examples")
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise TinylmError(f"{path} is not valid JSON ({error}); fix the file or give another --data") from None
+    if not records:
+        raise TinylmError(f"{path} holds no examples")
+    return [as_messages(record, where) for where, record in records]
+
+
+def as_messages(record: object, where: str) -> Messages:
+    """An Alpaca or chat example as a list of {role, content} messages."""
+    if isinstance(record, dict) and "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise TinylmError(f'{where}: \'messages\' must be a list of {{"role": ..., "content": ...}} objects')
+        if not any(m["role"] == "assistant" for m in messages):
+            raise TinylmError(f"{where}: the conversation has no assistant message to learn from")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if isinstance(record, dict) and "instruction" in record and "output" in record:
+        fields = {key: record.get(key) or "" for key in ("instruction", "input", "output")}
+        if not all(isinstance(value, str) for value in fields.values()):
+            raise TinylmError(f"{where}: instruction, input and output must be strings")
+        prompt = fields["instruction"] + (f"\n\n{fields['input']}" if fields["input"] else "")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": fields["output"]}]
+    keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+    raise TinylmError(
+        f"{where}: an example needs 'instruction' and 'output' (Alpaca form) or 'messages' (chat form); it has {keys}"
+    )
+
+
+def load_instructions(spec: str, held_out_examples: int, max_examples: int | None = None) -> InstructionData:
+    """The examples of a registry dataset (gsm8k, alpaca) or a local file, split into train and held out.
+
+    The held-out examples are spread evenly through the file, so the split depends on the data alone (not on a seed)
+    and stays the same from run to run.
+    """
+    if spec in SOURCES:
+        dataset = SOURCES[spec]
+        paths = [fetch(dataset.folder, remote) for remote in dataset.files]
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise TinylmError(
+                f"instruction data not found: {spec}; give a .jsonl/.json file or a dataset name "
+                f"({', '.join(name for name, s in SOURCES.items() if s.instructions)})"
+            )
+        paths = [path]
+    examples = [example for path in paths for example in read_examples(path)][:max_examples]
+    if len(examples) <= held_out_examples:
+        raise TinylmError(
+            f"{spec} has {len(examples)} examples, not more than the {held_out_examples} held out; "
+            "give more data or lower --held-out-examples"
+        )
+    held = {len(examples) * i // held_out_examples for i in range(held_out_examples)}
+    return InstructionData(
+        train=[e for i, e in enumerate(examples) if i not in held],
+        held_out=[e for i, e in enumerate(examples) if i in held],
+    )
+
+
+def encode_conversation(messages: Messages, render: Render, encode: Encode) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and their labels: the ids themselves on assistant turns (their closing
+    end-of-turn token included), IGNORE everywhere else. Messages after the last assistant turn teach nothing and
+    are left out."""
+    ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(messages[:turn], True)
+        full = render(messages[: turn + 1], False)
+        if not prompt.startswith(rendered) or not full.startswith(prompt):
+            raise TinylmError(
+                "the chat template renders a conversation differently from its beginning, so prompt and response "
+                "tokens cannot be told apart; use a tokenizer with a prefix-consistent template"
+            )
+        prompt_ids, response_ids = encode(prompt[len(rendered) :]), encode(full[len(prompt) :])
+        ids += prompt_ids + response_ids
+        labels += [IGNORE] * len(prompt_ids) + response_ids
+        rendered = full
+    return ids, labels
+
+
+class TokenizedExamples:
+    """Encoded conversations cut to `max_length` tokens, served as padded batches of (ids, labels).
+
+    With `pack`, the conversations are laid end to end and cut into rows of exactly max_length tokens: no padding, so
+    every token computed is trained on (a row's later conversations attend to its earlier ones, which short examples
+    tolerate well). Without it, each conversation is one row, cut at max_length; one whose response would be cut
+    away entirely is dropped.
+    """
+
+    def __init__(
+        self,
+        conversations: list[Messages],
+        render: Render,
+        encode: Encode,
+        max_length: int,
+        pack: bool = False,
+        pad_id: int = 0,
+    ):
+        encoded = [encode_conversation(messages, render, encode) for messages in conversations]
+        if pack:
+            ids = [i for example_ids, _ in encoded for i in example_ids]
+            labels = [label for _, example_labels in encoded for label in example_labels]
+            cuts = range(0, len(ids) - max_length + 1, max_length)
+            self.rows = [(ids[c : c + max_length], labels[c : c + max_length]) for c in cuts]
+        else:
+            cut = [(ids[:max_length], labels[:max_length]) for ids, labels in encoded]
+            self.rows = [(ids, labels) for ids, labels in cut if any(label != IGNORE for label in labels)]
+        if not self.rows:
+            raise TinylmError(f"no example has a response within --max-length {max_length} tokens; raise --max-length")
+        self.dropped = 0 if pack else len(encoded) - len(self.rows)
+        self.pad_id = pad_id
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, labels), each (len(indices), longest row); shorter rows are padded on the right with IGNORE labels,
+        so a causal model's real tokens never see the padding."""
+        rows = [self.rows[i] for i in indices]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        for row, (row_ids, row_labels) in enumerate(rows):
+            ids[row, : len(row_ids)] = torch.tensor(row_ids)
+            labels[row, : len(row_labels)] = torch.tensor(row_labels)
+        return ids, labels
+
+    def epoch_order(self, seed: int, epoch: int) -> list[int]:
+        """A shuffle of the rows that depends only on (seed, epoch), so a resumed run draws the same batches."""
+        order = list(range(len(self.rows)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def training_batch(self, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of optimizer micro-step `step`: consecutive rows of a reshuffled pass over the data per epoch."""
+        n = len(self.rows)
+        positions = range(step * batch_size, (step + 1) * batch_size)
+        orders = {epoch: self.epoch_order(seed, epoch) for epoch in {p // n for p in positions}}
+        return self.batch([orders[p // n][p % n] for p in positions])

