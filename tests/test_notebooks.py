@@ -20,13 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 COLAB = "https://colab.research.google.com/github/OWNER/tinylm/blob/main/notebooks/"
 
-# What each notebook runs with here, a file its run must leave behind (relative to its working folder), and the
-# tinylm module it needs (while the parts of tinylm are being merged, a notebook waits for its module).
+# What each notebook runs with here, and a file its run must leave behind (relative to its working folder).
 SMALL_SETTINGS = {
     "01_quickstart.ipynb": (
         {"MAX_STEPS": 40, "EVAL_INTERVAL": 20, "EVAL_BATCHES": 2, "MAX_NEW_TOKENS": 40, "THREADS": 1},
         "out/shakespeare-char/model.safetensors",
-        "tinylm.run",
     ),
     "02_tinystories.ipynb": (
         {
@@ -41,7 +39,6 @@ SMALL_SETTINGS = {
             "THREADS": 1,
         },
         "out/tinystories-llama-hf/model.safetensors",
-        "tinylm.hf",
     ),
     "03_finetune_lora.ipynb": (
         {
@@ -55,12 +52,10 @@ SMALL_SETTINGS = {
             "THREADS": 1,
         },
         "out/smollm2-gsm8k-lora/adapter_model.safetensors",
-        "tinylm.finetune",
     ),
     "04_attention_is_all_you_need.ipynb": (
         {"MAX_STEPS": 120, "EVAL_INTERVAL": 40, "MAX_LENGTH": 6, "VAL_SEQUENCES": 50, "THREADS": 1, "EXAMPLE": "3 1 4"},
         "out/reverse-task/cross_attention.png",
-        "tinylm.copy_task",
     ),
 }
 
@@ -98,8 +93,7 @@ def kernel_name(tmp_path, monkeypatch) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SMALL_SETTINGS))
 def test_notebook_runs_with_small_settings(name, kernel_name, tmp_path):
-    settings, leaves, module = SMALL_SETTINGS[name]
-    pytest.importorskip(module)
+    settings, leaves = SMALL_SETTINGS[name]
     notebook = nbformat.read(REPO / "notebooks" / name, as_version=4)
     index = next(i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", []))
     injected = "\n".join(f"{key} = {value!r}" for key, value in settings.items())
