@@ -250,6 +250,8 @@ def run_train(args: list[str]) -> int:
         result = train(resume_config(resume, values), resume=True)
     else:
         result = train(resolve_config(values), overwrite=overwrite)
+    if not result.is_main:
+        return 0
     print(
         f"\nbest val loss {result.best_val_loss:.4f} after {result.steps} steps in {result.elapsed_s:.1f}s; "
         f"run saved in {result.run_dir}\n--- sample ---\n{result.sample}"

@@ -11,6 +11,7 @@ to predict the answer then EOS.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 from dataclasses import dataclass
@@ -190,24 +191,20 @@ def load_copy_task(path: str | Path, device: str = "auto") -> CopyTaskRun:
     return CopyTaskRun(path, config, model)
 
 
-def import_pyplot():
-    """matplotlib's pyplot on the Agg backend (files only, no window), or a one-line error saying how to get it."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise TinylmError("drawing attention needs matplotlib: pip install 'tinylm[track]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def require_matplotlib() -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        raise TinylmError("drawing attention needs matplotlib: pip install 'tinylm[track]'")
 
 
 def draw_cross_attention(attention: CrossAttention, path: Path, title: str) -> Path:
     """A grid of heatmaps, decoder layers down and heads across, written atomically to `path` as PNG."""
-    plt = import_pyplot()
+    require_matplotlib()
+    from matplotlib.figure import Figure  # a Figure of its own, not pyplot: no window, a notebook's backend untouched
+
     layers, heads = attention.weights.shape[:2]
     size = 0.25 * max(len(attention.source), len(attention.output)) + 1.0
-    figure, axes = plt.subplots(layers, heads, figsize=(size * heads, size * layers), squeeze=False)
+    figure = Figure(figsize=(size * heads, size * layers))
+    axes = figure.subplots(layers, heads, squeeze=False)
     for layer in range(layers):
         for head in range(heads):
             ax = axes[layer][head]
@@ -222,7 +219,6 @@ def draw_cross_attention(attention: CrossAttention, path: Path, title: str) -> P
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
     partial = path.with_name(path.name + ".tmp")
     partial.write_bytes(buffer.getvalue())
     os.replace(partial, path)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from tqdm import tqdm
+from tqdm.auto import tqdm  # widgets in notebooks, text bars elsewhere
 
 from tinylm.config import Config, FinetuneConfig, SampleConfig, check_config, check_sample_config
 from tinylm.data.instructions import IGNORE, Messages, TokenizedExamples, load_instructions

@@ -23,7 +23,7 @@ from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from tqdm.auto import tqdm  # widgets in notebooks, text bars elsewhere
 
 from tinylm.config import DataConfig
 from tinylm.data.documents import DocumentSource, open_source

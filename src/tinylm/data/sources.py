@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tqdm import tqdm
+from tqdm.auto import tqdm  # widgets in notebooks, text bars elsewhere
 
 from tinylm.errors import TinylmError
 

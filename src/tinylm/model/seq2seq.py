@@ -206,7 +206,7 @@ class Seq2SeqTransformer(nn.Module):
         memory, source_mask = self.encode(source)
         target = torch.full((source.shape[0], 1), BOS, dtype=torch.long, device=source.device)
         finished = torch.zeros(source.shape[0], dtype=torch.bool, device=source.device)
-        for _ in range(min(max_new_tokens, self.config.block_size)):
+        for _ in range(min(max_new_tokens, self.config.block_size - 1)):  # BOS + answer fit the context
             logits, _ = self.decode(target, memory, source_mask)
             next_token = logits[:, -1].argmax(dim=-1).masked_fill(finished, PAD)
             target = torch.cat([target, next_token[:, None]], dim=1)

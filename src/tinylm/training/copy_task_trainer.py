@@ -15,10 +15,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm  # widgets in notebooks, text bars elsewhere
 
 from tinylm.config import Config
-from tinylm.copy_task import ATTENTION_PLOT, CopyTask, import_pyplot, load_copy_task
+from tinylm.copy_task import ATTENTION_PLOT, CopyTask, load_copy_task, require_matplotlib
 from tinylm.device import resolve_device
 from tinylm.errors import TinylmError
 from tinylm.model import build_model, count_parameters
@@ -29,14 +29,14 @@ from tinylm.training.trainer import CONFIG_FILE, TrainResult, _claim_run_dir
 
 @dataclass
 class CopyTaskResult(TrainResult):
-    best_val_accuracy: float
+    best_val_accuracy: float = 0.0
     """Share of held-out sequences the best weights answer exactly."""
 
 
 def train_copy_task(config: Config, overwrite: bool = False) -> CopyTaskResult:
     run_dir = Path(config.out)
     _claim_run_dir(run_dir, overwrite)
-    import_pyplot()  # fail before training, not after, when the attention plot cannot be drawn
+    require_matplotlib()  # fail before training, not after, when the attention plot cannot be drawn
     torch.manual_seed(config.train.seed)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -114,4 +114,4 @@ def train_copy_task(config: Config, overwrite: bool = False) -> CopyTaskResult:
     (run_dir / "samples.txt").write_text(sample + "\n")
     longest = max(task.val_sequences[:100], key=len)
     run.draw_attention(" ".join(map(str, longest)), run_dir / ATTENTION_PLOT)
-    return CopyTaskResult(run_dir, step, best["val_loss"], elapsed_s, sample, best["val_accuracy"])
+    return CopyTaskResult(run_dir, step, best["val_loss"], elapsed_s, sample, best_val_accuracy=best["val_accuracy"])

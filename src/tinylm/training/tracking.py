@@ -95,13 +95,12 @@ class Tracker:
         if not self.enabled:
             return
         try:
-            import matplotlib
+            # A Figure of its own, not pyplot: no window, and a notebook's backend is left as it is.
+            from matplotlib.figure import Figure
         except ImportError:
             return  # the plot is a convenience; metrics.jsonl has the numbers
-        matplotlib.use("Agg")  # files only: no window, no display needed
-        from matplotlib import pyplot as plt
-
-        figure, axes = plt.subplots(figsize=(8, 5))
+        figure = Figure(figsize=(8, 5))
+        axes = figure.subplots()
         steps = [r for r in self.records if "loss" in r]
         evals = [r for r in self.records if "val_loss" in r]
         axes.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6, label="train (batch)")
@@ -112,7 +111,6 @@ class Tracker:
         axes.legend()
         partial = self.run_dir / f".{LOSS_PLOT}.tmp"
         figure.savefig(partial, format="png", dpi=100)
-        plt.close(figure)
         os.replace(partial, self.run_dir / LOSS_PLOT)
 
     def close(self) -> None:

@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
+from tqdm.auto import tqdm  # widgets in notebooks, text bars elsewhere
 
 from tinylm.config import Config, parse_duration, resolve_config
 from tinylm.data.loader import TokenShards
@@ -74,6 +74,8 @@ class TrainResult:
     elapsed_s: float
     """Wall-clock seconds of the training loop, evaluations and checkpoints included (over all resumed sessions)."""
     sample: str
+    is_main: bool = True
+    """False in every torchrun process but rank 0, which alone reports."""
 
 
 def train(config: Config, overwrite: bool = False, resume: bool = False) -> TrainResult:
@@ -166,7 +168,7 @@ def _train(config: Config, overwrite: bool, resume: bool, processes: Processes) 
                 samples.write(f"--- best weights (val loss {loop.best_val_loss:.4f}) ---\n{sample}\n\n")
     finally:
         loop.tracker.close()
-    return TrainResult(run_dir, loop.step, loop.best_val_loss, loop.elapsed_s, sample)
+    return TrainResult(run_dir, loop.step, loop.best_val_loss, loop.elapsed_s, sample, processes.is_main)
 
 
 class NonFiniteLoss(Exception):
