@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import os
 import shutil
 from importlib.resources import files
 from pathlib import Path
 
 import pytest
+
+# Tests never reach the Hugging Face hub: offline, its libraries fail at once instead of retrying for seconds. Read when
+# they are first imported, so set before anything imports them.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 from tinylm.cli import main
 from tinylm.data.sources import GPT2_VOCABULARY, GPT2_VOCABULARY_FOLDER

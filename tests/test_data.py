@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import run_cli, tiny_overrides
 
 import tinylm
 from tinylm.config import DataConfig
@@ -270,12 +270,13 @@ def test_a_vocabulary_too_large_for_the_dtype_is_refused():
     assert token_dtype(CharTokenizer("ab"), "auto") == np.uint16
 
 
-def test_data_tokenized_with_another_vocabulary_is_refused(stories_file, tmp_path):
+def test_data_tokenized_with_another_vocabulary_is_refused(stories_file, tmp_path, capsys):
     overrides = tiny_overrides(stories_file, tmp_path / "run", **{"data.data_dir": str(tmp_path / "data")})
     run_dir = tinylm.train(tinylm.load_config(None, overrides)).run_dir
     stories_file.write_text(stories_file.read_text() + "Zoë's new story, with new letters: qxj.\n")
-    with pytest.raises(TinylmError, match=r"was tokenized with another vocabulary \(char, fingerprint \w+\) than"):
-        tinylm.load(run_dir).evaluate()
+    code, _, err = run_cli(capsys, "train", "--resume", str(run_dir), "--train.max-steps", "30")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert re.search(r"was tokenized with another vocabulary \(char, fingerprint \w+\) than", err)
 
 
 def test_hugging_face_datasets_read_local_data_files_without_the_hub(tmp_path):

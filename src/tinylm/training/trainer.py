@@ -44,7 +44,7 @@ from tinylm.data.prepare import prepare
 from tinylm.errors import TinylmError
 from tinylm.generate import encode_prompt, stream_text
 from tinylm.model import build_model, count_parameters
-from tinylm.tokenizers import Tokenizer
+from tinylm.tokenizers import Tokenizer, load_tokenizer
 from tinylm.training.checkpoint import (
     BEST_WEIGHTS,
     latest_checkpoint,
@@ -129,6 +129,8 @@ def _train(config: Config, overwrite: bool, resume: bool, processes: Processes) 
 
     # Rank 0 tokenizes; the other processes then find the token files ready.
     data = processes.run_on_main(lambda: prepare(config.data)) or prepare(config.data)
+    if resume:  # text changed since: data prepared again may hold other ids than the model learned
+        data.check_tokenizer(load_tokenizer(run_dir))
     tokenizer = data.tokenizer
     vocab_size = config.model.vocab_size or tokenizer.vocab_size
     if vocab_size < tokenizer.vocab_size:
