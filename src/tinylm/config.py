@@ -154,7 +154,7 @@ class TrainConfig:
     warmup_steps: int = 100
     """Steps of linear warm-up from zero."""
     weight_decay: float = 0.1
-    """AdamW weight decay, applied to matrices only (not to biases, norms or position embeddings)."""
+    """AdamW weight decay, applied to weight matrices and embeddings (as nanoGPT does), not to biases or norm gains."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.99
