@@ -15,7 +15,7 @@ import tinylm
 from tinylm.config import FinetuneConfig, finetune_train_defaults
 from tinylm.data.instructions import IGNORE, TokenizedExamples, as_messages, encode_conversation, load_instructions
 from tinylm.errors import TinylmError
-from tinylm.finetune import FinetuneLoop, attach_trainable, finetune, load_finetuned, response_nats
+from tinylm.finetune import FinetuneLoop, attach_trainable, finetune, response_nats
 from tinylm.pretrained import HuggingFaceChatTokenizer, HuggingFaceLM, load_pretrained
 from tinylm.tokenizers import END_OF_TEXT, HuggingFaceTokenizer
 
@@ -190,9 +190,9 @@ def test_lora_on_a_local_gpt2_lowers_held_out_loss_and_merges_exactly(tiny_gpt2,
     assert not torch.allclose(adapted_logits, base_logits, atol=1e-3)  # the adapter changed something
     torch.testing.assert_close(merged_logits, adapted_logits, atol=1e-5, rtol=1e-5)
 
-    chat = load_finetuned(out)
-    reply = chat.reply([{"role": "user", "content": "Write the word in capitals.\n\nriver"}], max_new_tokens=8)
-    assert isinstance(reply, str)
+    messages = [{"role": "user", "content": "Write the word in capitals.\n\nriver"}]
+    reply = tinylm.load(out).reply(messages, max_new_tokens=8, temperature=0)
+    assert reply == tinylm.load(out / "model").reply(messages, max_new_tokens=8, temperature=0)
 
 
 def test_micro_batches_accumulate_to_the_same_step(tiny_gpt2, capitals_file, tmp_path):
@@ -276,8 +276,8 @@ def test_tinylm_run_fine_tuned_with_lora_and_in_full(tinylm_run, capitals_file, 
     run = tinylm.load(out / "model")  # the fine-tuned model is a tinylm run folder again
     assert (out / "model" / "chat_template.jinja").is_file()
     messages = [{"role": "user", "content": "Write the word in capitals.\n\nriver"}]
-    from_run = load_finetuned(out / "model").reply(messages, max_new_tokens=6)
-    assert load_finetuned(out).reply(messages, max_new_tokens=6) == from_run
+    from_run = run.reply(messages, max_new_tokens=6, temperature=0)
+    assert tinylm.load(out).reply(messages, max_new_tokens=6, temperature=0) == from_run
     if method == "lora":
         from peft import PeftModel
 
@@ -320,7 +320,7 @@ def test_bad_examples_are_one_line_errors_naming_the_line(tmp_path, capsys, reco
 def test_unknown_base_and_bits_without_cuda_are_one_line_errors(capitals_file, tmp_path, capsys, tinylm_run):
     common = ["--data", str(capitals_file), "--out", str(tmp_path / "o"), "--held-out-examples", "5"]
     code, _, err = run_cli(capsys, "finetune", "--base", str(tmp_path / "no-such-model"), *common)
-    assert code == 1 and "cannot load the base model" in err and len(err.strip().splitlines()) == 1
+    assert code == 1 and "cannot load " in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "finetune", "--base", "gpt2", "--bits", "4", "--train.device", "cpu", *common)
     assert code == 1 and "--bits (QLoRA) needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "finetune", "--base", str(tinylm_run), "--lora", "--full", *common)
