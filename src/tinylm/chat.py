@@ -67,8 +67,10 @@ class ChatSession:
         self.sampling = sampling
 
 
-def chat_loop(session: ChatSession, read=input, write=sys.stdout.write, flush=sys.stdout.flush) -> None:
-    """The interactive loop: read a line, answer a command or stream a reply, until end of input."""
+def chat_loop(session: ChatSession, read=input, write=None, flush=None) -> None:
+    """The interactive loop: read a line, answer a command or stream a reply, until end of input. Output goes to
+    whatever sys.stdout is when it is called, unless `write` and `flush` say otherwise."""
+    write, flush = write or sys.stdout.write, flush or sys.stdout.flush
     keys = ", ".join(f.name for f in fields(SampleConfig) if f.name not in ("prompt", "stop"))
     kind = "chat template" if session.run.chat else "plain language model: each message continues the text"
     write(f"tinylm chat with {session.run.path} ({kind}). /help for commands, Ctrl-D to quit.\n")
