@@ -37,6 +37,7 @@ from tinylm.training.checkpoint import BEST_WEIGHTS, load_weights
 from tinylm.training.trainer import CONFIG_FILE
 
 ROLES = ("system", "user", "assistant")
+HF_CONFIG_FILE = "config.json"
 
 
 @dataclass
@@ -145,6 +146,11 @@ def load(path: str | Path, device: str = "auto") -> Run:
 
     if (folder / RESULT_FILE).is_file():
         return load_finetune_output(folder, device)
+    if folder.is_dir() and not (folder / HF_CONFIG_FILE).is_file():
+        raise TinylmError(
+            f"{folder} is not a tinylm run folder ({CONFIG_FILE} + {BEST_WEIGHTS}), a fine-tune output ({RESULT_FILE}) "
+            f"or a Hugging Face model folder ({HF_CONFIG_FILE}); give the --out folder of `tinylm train` or `finetune`"
+        )
     return pretrained_run(Path(path), load_pretrained(str(path), resolve_device(device)))
 
 
