@@ -22,7 +22,7 @@ from pathlib import Path
 
 import tinylm
 from tinylm.config import FinetuneConfig, finetune_train_defaults
-from tinylm.finetune import finetune, load_finetuned
+from tinylm.finetune import finetune
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "out/example")
 config = tinylm.load_config(
@@ -49,9 +49,9 @@ tuned = finetune(
 )
 print(f"held-out loss {tuned.held_out_loss_before:.3f} -> {tuned.held_out_loss_after:.3f}\n")
 
-chat = load_finetuned(out / "lora")  # base + adapter; out/lora/model is the merged tinylm run
+run = tinylm.load(out / "lora")  # base + adapter (merged too: out/lora/model is a tinylm run); `tinylm chat` works too
 question = "Tom has 3 apples and buys 5 more. How many apples does he have?"
 print(f"User: {question}\nAssistant: ", end="", flush=True)
-for piece in chat.stream([{"role": "user", "content": question}], max_new_tokens=80, temperature=0.0):
+for piece in run.stream_reply([{"role": "user", "content": question}], max_new_tokens=80, temperature=0.0):
     print(piece, end="", flush=True)
 print()

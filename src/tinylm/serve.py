@@ -1,9 +1,10 @@
-"""`tinylm serve`: an OpenAI-compatible HTTP API for one run, and a playground page, on localhost.
+"""`tinylm serve`: an OpenAI-compatible HTTP API for one model, and a playground page, on localhost.
 
     POST /v1/completions        {"model", "prompt" (a string or a list: one batch), "max_tokens", "temperature",
                                  "top_p", "stop", "seed", "stream"} and tinylm's own "top_k", "min_p",
                                  "repetition_penalty"
-    POST /v1/chat/completions   the same with "messages" instead of "prompt", rendered with the run's chat template
+    POST /v1/chat/completions   the same with "messages" instead of "prompt", rendered with the model's chat template
+                                (a plain language model continues the messages' texts joined)
     GET  /v1/models, GET /health, GET / (the playground: static HTML and JavaScript, nothing fetched from elsewhere)
 
 `"stream": true` answers with server-sent events, one chunk per piece of text, then `data: [DONE]`. The model runs in
@@ -19,10 +20,9 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib.resources import files
 
-from tinylm.chat import load_chat_format
 from tinylm.config import SampleConfig, check_sample_config
 from tinylm.errors import TinylmError
 from tinylm.generate import Piece, encode_prompt
@@ -97,7 +97,8 @@ class ChatRequest(SamplingFields):
 def create_app(run: Run, limits: ServeLimits | None = None, model_name: str | None = None) -> FastAPI:
     limits = limits or ServeLimits()
     model_name = model_name or run.path.name
-    chat_format = load_chat_format(run.path)
+    # A hub name or a packaged model has no folder of its own to date it by.
+    created = int(run.path.stat().st_mtime) if run.path.exists() else int(time.time())
     app = FastAPI(title="tinylm", docs_url=None, redoc_url=None)
     generating = asyncio.Semaphore(limits.max_concurrent)
 
@@ -127,7 +128,7 @@ def create_app(run: Run, limits: ServeLimits | None = None, model_name: str | No
 
     @app.get("/v1/models")
     async def models() -> dict:
-        card = {"id": model_name, "object": "model", "created": int(run.path.stat().st_mtime), "owned_by": "tinylm"}
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "tinylm"}
         return {"object": "list", "data": [card]}
 
     @app.get("/", response_class=HTMLResponse)
@@ -224,10 +225,9 @@ def create_app(run: Run, limits: ServeLimits | None = None, model_name: str | No
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatRequest):
         sampling = sampling_for(request)
-        sampling = replace(sampling, stop=[*sampling.stop, *chat_format.stop])
         messages = [message.model_dump() for message in request.messages]
         try:
-            prompt = checked_prompt(chat_format.encode(run.tokenizer, messages))
+            prompt = checked_prompt(run.chat_prompt(messages))
         except TinylmError as error:
             raise APIError(400, str(error), "messages") from None
         header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
@@ -264,7 +264,7 @@ def usage(prompt_tokens: int, pieces: list[Piece]) -> dict[str, int]:
 def serve(
     run_dir: str, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None, device: str = "auto"
 ) -> None:
-    """Load the run and answer HTTP requests until interrupted."""
+    """Load the model (anything `tinylm.load` takes) and answer HTTP requests until interrupted."""
     import uvicorn
 
     run = load(run_dir, device)

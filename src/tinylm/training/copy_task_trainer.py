@@ -24,7 +24,7 @@ from tinylm.errors import TinylmError
 from tinylm.model import build_model, count_parameters
 from tinylm.training.checkpoint import BEST_WEIGHTS, save_weights
 from tinylm.training.optim import build_optimizers, build_schedulers
-from tinylm.training.trainer import CONFIG_FILE, TrainResult, _claim_run_dir
+from tinylm.training.trainer import CONFIG_FILE, TrainResult, claim_run_dir
 
 
 @dataclass
@@ -35,7 +35,7 @@ class CopyTaskResult(TrainResult):
 
 def train_copy_task(config: Config, overwrite: bool = False) -> CopyTaskResult:
     run_dir = Path(config.out)
-    _claim_run_dir(run_dir, overwrite)
+    claim_run_dir(run_dir, overwrite)
     require_matplotlib()  # fail before training, not after, when the attention plot cannot be drawn
     torch.manual_seed(config.train.seed)
     if config.train.threads:

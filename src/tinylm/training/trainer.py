@@ -120,7 +120,7 @@ def _train(config: Config, overwrite: bool, resume: bool, processes: Processes) 
         if latest_checkpoint(run_dir) is None:
             raise TinylmError(f"{run_dir} has no checkpoint to resume from; train it again without --resume")
     else:
-        processes.run_on_main(lambda: _claim_run_dir(run_dir, overwrite))
+        processes.run_on_main(lambda: claim_run_dir(run_dir, overwrite))
     if t.threads:
         torch.set_num_threads(t.threads)
     if processes.device.type == "cuda":
@@ -211,7 +211,7 @@ class TrainingLoop:
         if t.optimizer == "muon" and t.parallel == "fsdp" and processes.distributed:
             raise TinylmError("muon orthogonalises whole matrices, which fsdp shards; use --train.parallel ddp")
 
-        self.autocast_dtype = _autocast_dtype(t.precision, device)
+        self.autocast_dtype = autocast_dtype(t.precision, device)
         self.precision_name = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[
             self.autocast_dtype
         ]
@@ -221,7 +221,7 @@ class TrainingLoop:
         self.peak_flops = peak * processes.world_size if peak else None
 
         if t.activation_checkpointing:
-            _checkpoint_activations(model)
+            checkpoint_activations(model)
         self.micro_batch_size = t.micro_batch_size or per_process
         if t.micro_batch_size is None and device.type == "cuda" and t.parallel != "fsdp":
             self.micro_batch_size = processes.min(self._fit_micro_batch(model.to(device), per_process))
@@ -541,7 +541,7 @@ class TrainingLoop:
         )
 
 
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of a precision setting; None is plain fp32."""
     if precision == "auto":
         if device.type != "cuda":
@@ -550,7 +550,7 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _checkpoint_activations(model: torch.nn.Module) -> None:
+def checkpoint_activations(model: torch.nn.Module) -> None:
     """Make each block recompute its activations in the backward pass; the model's code stays as it is."""
     blocks = getattr(model, "blocks", None)
     if not blocks:
@@ -587,7 +587,7 @@ def _stop_requests() -> Iterator[Callable[[], bool]]:
             signal.signal(signum, handler)
 
 
-def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
+def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
     """A run folder is never overwritten by accident: only an earlier run's folder, and only when asked."""
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return
