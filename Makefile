@@ -37,9 +37,13 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
-bench: setup
+bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/shakespeare_char.py --repeats 2
-	$(BIN)/python bench/tokenize_tinystories.py
+	$(BIN)/python bench/tokenize_tinystories.py --repeats 3
+	$(BIN)/python bench/train_step_speed.py --threads 2 --windows 6 --steps-per-window 40
+	$(BIN)/python bench/train_cpu_processes.py
+	$(BIN)/python bench/decode.py --threads 1
+	$(BIN)/python bench/serve_load.py --requests 200 --concurrency 8 --max-tokens 32
 
 docs: setup
 	$(BIN)/python -c 'from tinylm.config import config_reference; print(config_reference(), end="")' > docs/config.md
