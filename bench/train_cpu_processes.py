@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_step_speed import BATCH_SIZE, BLOCK_SIZE, N_EMBD, N_HEAD, N_LAYER, ReferenceTrainer
+from train_step_speed import BATCH_SIZE, BLOCK_SIZE, NANOGPT_CPU_CONFIG, ReferenceTrainer
 
 from tinylm.config import DataConfig
 from tinylm.data.prepare import prepare
@@ -47,22 +47,11 @@ def reference_tokens_per_s(train_bin: Path, vocab_size: int, steps: int, threads
 def tinylm_tokens_per_s(workdir: Path, processes: int, steps: int) -> float:
     run_dir = workdir / f"run-{time.monotonic_ns()}"
     options = {
-        "data.source": "tinyshakespeare",
-        "model.block_size": BLOCK_SIZE,
-        "model.n_layer": N_LAYER,
-        "model.n_head": N_HEAD,
-        "model.n_embd": N_EMBD,
-        "model.dropout": 0.0,
-        "model.bias": False,
-        "train.batch_size": BATCH_SIZE,
+        **NANOGPT_CPU_CONFIG,
         "train.max_steps": steps + 20,
         "train.eval_interval": steps + 20,
-        "train.eval_batches": 1,
         "train.log_interval": 10,
-        "train.learning_rate": 1e-3,
-        "train.beta2": 0.99,
         "train.threads": 1,
-        "train.device": "cpu",
         "sample.max_new_tokens": 1,
         "out": str(run_dir),
     }

@@ -171,24 +171,25 @@ class ReferenceTrainer:
 # --- tinylm ------------------------------------------------------------
 
 
+NANOGPT_CPU_CONFIG = {
+    "data.source": "tinyshakespeare",
+    "model.block_size": BLOCK_SIZE,
+    "model.n_layer": N_LAYER,
+    "model.n_head": N_HEAD,
+    "model.n_embd": N_EMBD,
+    "model.dropout": 0.0,
+    "model.bias": False,
+    "train.batch_size": BATCH_SIZE,
+    "train.learning_rate": 1e-3,
+    "train.beta2": 0.99,
+    "train.device": "cpu",
+    "train.eval_batches": 1,
+}
+"""nanoGPT's Tiny Shakespeare CPU command as tinylm config keys."""
+
+
 def tinylm_loop(run_dir: Path, extra: dict) -> tuple[TrainingLoop, Path, int]:
-    overrides = {
-        "data.source": "tinyshakespeare",
-        "model.block_size": BLOCK_SIZE,
-        "model.n_layer": N_LAYER,
-        "model.n_head": N_HEAD,
-        "model.n_embd": N_EMBD,
-        "model.dropout": 0.0,
-        "model.bias": False,
-        "train.batch_size": BATCH_SIZE,
-        "train.max_steps": 2000,
-        "train.learning_rate": 1e-3,
-        "train.beta2": 0.99,
-        "train.device": "cpu",
-        "train.eval_batches": 1,
-        "out": str(run_dir),
-        **extra,
-    }
+    overrides = {**NANOGPT_CPU_CONFIG, "train.max_steps": 2000, "out": str(run_dir), **extra}
     config = tinylm.load_config(None, overrides)
     data = prepare(config.data)
     config = replace(config, model=replace(config.model, vocab_size=data.tokenizer.vocab_size))
