@@ -2,7 +2,7 @@
 
 A ~15M-parameter GPT-2-style model (random weights: speed does not depend on what the weights say) continues a
 16-token prompt greedily for 512 new tokens, all three in one process with the same thread count. The transformers
-model is a GPT2LMHeadModel given tinylm's weights here (GELU exact, biases on), checked to give the same logits.
+model is a GPT2LMHeadModel given tinylm's weights by `tinylm export`'s mapping, checked to give the same logits.
 
     OMP_NUM_THREADS=1 python bench/decode.py --threads 1
 """
@@ -25,40 +25,14 @@ SLM_15M = ModelConfig(vocab_size=8192, block_size=1024, n_layer=6, n_head=6, n_e
 
 
 def gpt2_twin(model: torch.nn.Module):
-    """The same network as a transformers GPT2LMHeadModel (its Conv1D layers store weights transposed)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """The same network as a transformers GPT2LMHeadModel, through tinylm's own export mapping (src/tinylm/hf.py)."""
+    from transformers import GPT2LMHeadModel
 
-    c = model.config
-    config = GPT2Config(
-        vocab_size=c.vocab_size,
-        n_positions=c.block_size,
-        n_embd=c.n_embd,
-        n_layer=c.n_layer,
-        n_head=c.n_head,
-        activation_function="gelu",  # tinylm's nn.GELU() is the exact one; GPT-2's default is the tanh approximation
-        layer_norm_epsilon=c.norm_eps,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    twin = GPT2LMHeadModel(config).eval()
-    names = {"attn_norm": "ln_1", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "mlp_norm": "ln_2"}
-    names |= {"mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
-    state = {
-        "transformer.wte.weight": model.token_embedding.weight,
-        "transformer.wpe.weight": model.position_embedding.weight,
-    }
-    state |= {"transformer.ln_f.weight": model.final_norm.weight, "transformer.ln_f.bias": model.final_norm.bias}
-    for i, block in enumerate(model.blocks):
-        for ours, theirs in names.items():
-            module = block.get_submodule(ours)
-            conv1d = isinstance(module, torch.nn.Linear)
-            state[f"transformer.h.{i}.{theirs}.weight"] = module.weight.T if conv1d else module.weight
-            state[f"transformer.h.{i}.{theirs}.bias"] = module.bias
-    missing, unexpected = twin.load_state_dict({k: v.detach().contiguous() for k, v in state.items()}, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    from tinylm.hf import hf_config, to_hf_state
+
+    twin = GPT2LMHeadModel(hf_config(model.config, {"bos_token_id": None, "eos_token_id": None})).eval()
+    missing, unexpected = twin.load_state_dict(to_hf_state(model, "gpt2"), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # lm_head: tied
     twin.tie_weights()
     return twin
 
