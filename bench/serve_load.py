@@ -29,9 +29,9 @@ from decode import SLM_15M  # bench/decode.py: the script's folder is on the pat
 
 from tinylm.config import Config
 from tinylm.model import build_model, count_parameters
+from tinylm.runs import CONFIG_FILE, save_weights
+from tinylm.runs import WEIGHTS_FILE as BEST_WEIGHTS
 from tinylm.tokenizers import CharTokenizer
-from tinylm.training.checkpoint import BEST_WEIGHTS, save_weights
-from tinylm.training.trainer import CONFIG_FILE
 
 PROMPTS = ["Once upon a time", "The little dog", "She opened the door and", "In the morning, Tom"]
 

@@ -6,7 +6,7 @@ written from nanoGPT's README and model description in plain PyTorch: its model 
 attention through scaled_dot_product_attention, GELU MLP, tied embeddings, GPT-2 init), its `get_batch` (a fresh
 memmap per batch, one slice per row), and its step (loss.backward(), clip_grad_norm_, AdamW as torch picks it on CPU
 (the for-loop implementation; nanoGPT asks for fused only on CUDA), zero_grad(set_to_none=True), loss.item()).
-tinylm's side is `TrainingLoop.train_step`, the step `tinylm train` runs.
+tinylm's side is `Engine.train_step`, the step `tinylm train` runs.
 
 Both run in this one process, in alternating windows of steps, so that the machine's load hits both alike. Each window
 is timed twice: wall clock, and the CPU time of this process (time.process_time), which on a machine shared with other
@@ -24,7 +24,6 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import tinylm
-from tinylm.data.prepare import prepare
-from tinylm.model import build_model
 from tinylm.training.distributed import start_processes
-from tinylm.training.trainer import TrainingLoop
+from tinylm.training.engine import Engine
+from tinylm.training.tasks.pretrain import Pretraining
 
 BLOCK_SIZE, BATCH_SIZE, N_LAYER, N_HEAD, N_EMBD = 64, 12, 4, 4, 128
 
@@ -188,19 +186,14 @@ NANOGPT_CPU_CONFIG = {
 """nanoGPT's Tiny Shakespeare CPU command as tinylm config keys."""
 
 
-def tinylm_loop(run_dir: Path, extra: dict) -> tuple[TrainingLoop, Path, int]:
+def tinylm_loop(run_dir: Path, extra: dict) -> tuple[Engine, Path, int]:
+    """The engine `tinylm train` runs, set up for pretraining on nanoGPT's config (its run folder claimed)."""
     overrides = {**NANOGPT_CPU_CONFIG, "train.max_steps": 2000, "out": str(run_dir), **extra}
-    config = tinylm.load_config(None, overrides)
-    data = prepare(config.data)
-    config = replace(config, model=replace(config.model, vocab_size=data.tokenizer.vocab_size))
-    run_dir.mkdir(parents=True)
-    torch.manual_seed(1337)
-    model = build_model(config.model)
-    loop = TrainingLoop(
-        config, model, start_processes("cpu"), data.split("train"), data.split("val"), run_dir, data.tokenizer, [0]
-    )
-    loop.model.train()
-    return loop, data.folder / "train_0000.bin", data.tokenizer.vocab_size
+    task = Pretraining(tinylm.load_config(None, overrides))
+    engine = Engine(task, start_processes("cpu"), overwrite=False, resume=False)
+    engine.model.train()
+    data_folder = Path(task.data_folder)
+    return engine, data_folder / "train_0000.bin", task.tokenizer.vocab_size
 
 
 def tokens_per_s(step, steps: int) -> tuple[float, float]:

@@ -92,9 +92,8 @@ def untrained_run(folder: Path, tokenizer=None, text: str = SMALL_TEXT, **model)
 
     from tinylm.config import load_config
     from tinylm.model import build_model
+    from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, save_weights, write_yaml
     from tinylm.tokenizers import CharTokenizer
-    from tinylm.training.checkpoint import BEST_WEIGHTS, save_weights
-    from tinylm.training.trainer import CONFIG_FILE
 
     tokenizer = tokenizer or CharTokenizer.train([text])
     text_file = folder / "text.txt"
@@ -105,8 +104,8 @@ def untrained_run(folder: Path, tokenizer=None, text: str = SMALL_TEXT, **model)
         None, {"data.source": str(text_file), "out": str(folder), **{f"model.{k}": v for k, v in model.items()}}
     )
     config.data.tokenizer = tokenizer.spec
-    config.save(folder / CONFIG_FILE)
+    write_yaml(folder / CONFIG_FILE, config.to_dict())
     tokenizer.save(folder)
     torch.manual_seed(0)
-    save_weights(build_model(config.model), folder / BEST_WEIGHTS)
+    save_weights(build_model(config.model), folder / WEIGHTS_FILE)
     return folder

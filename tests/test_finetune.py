@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -16,9 +18,11 @@ import tinylm
 from tinylm.config import FinetuneConfig, finetune_train_defaults
 from tinylm.data.instructions import IGNORE, TokenizedExamples, as_messages, encode_conversation, load_instructions
 from tinylm.errors import TinylmError
-from tinylm.finetune import FinetuneLoop, attach_trainable, finetune, response_nats
 from tinylm.pretrained import HuggingFaceChatTokenizer, HuggingFaceLM, load_pretrained
 from tinylm.tokenizers import END_OF_TEXT, HuggingFaceTokenizer
+from tinylm.training import finetune
+from tinylm.training.engine import Engine
+from tinylm.training.tasks.sft import attach_trainable, response_nats
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -154,7 +158,7 @@ def test_only_adapter_parameters_receive_gradients(tiny_gpt2, capitals_file, tmp
     rows = TokenizedExamples(
         [as_messages(e, "x") for e in capitals_examples(4)], tokenizer.render, tokenizer.encode, 64
     )
-    nats, _ = response_nats(lm, *rows.batch([0, 1, 2, 3]))
+    nats = response_nats(lm, *rows.batch([0, 1, 2, 3]))
     nats.backward()
     named = dict(lm.named_parameters())
     adapters = {name for name in named if "lora_" in name}
@@ -225,17 +229,17 @@ def test_resumed_fine_tune_matches_an_uninterrupted_one(tiny_gpt2, capitals_file
     ))  # fmt: skip
     whole = finetune(config)
     interrupted = dataclasses.replace(config, out=str(tmp_path / "resumed"))
-    original_step = FinetuneLoop.train_step
+    original_step = Engine.train_step
 
-    def stop_after_step_4(loop):
-        if loop.step == 4:
-            raise KeyboardInterrupt
-        return original_step(loop)
+    def ctrl_c_during_step_4(engine):
+        if engine.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_step(engine)
 
-    monkeypatch.setattr(FinetuneLoop, "train_step", stop_after_step_4)
+    monkeypatch.setattr(Engine, "train_step", ctrl_c_during_step_4)
     with pytest.raises(TinylmError, match="interrupted at step 4"):
         finetune(interrupted)
-    monkeypatch.setattr(FinetuneLoop, "train_step", original_step)
+    monkeypatch.setattr(Engine, "train_step", original_step)
     with pytest.raises(TinylmError, match="--resume"):
         finetune(interrupted)
     resumed = finetune(interrupted, resume=True)

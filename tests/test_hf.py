@@ -22,9 +22,9 @@ from tinylm.hf import (
     tokenizers_backend,
 )
 from tinylm.model import build_model
+from tinylm.runs import CONFIG_FILE, save_weights
+from tinylm.runs import WEIGHTS_FILE as BEST_WEIGHTS
 from tinylm.tokenizers import CharTokenizer, HuggingFaceTokenizer, TiktokenTokenizer, Tokenizer
-from tinylm.training.checkpoint import BEST_WEIGHTS, save_weights
-from tinylm.training.trainer import CONFIG_FILE
 
 transformers = pytest.importorskip("transformers")
 

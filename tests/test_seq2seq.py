@@ -13,7 +13,7 @@ from tinylm.copy_task import CopyTask
 from tinylm.errors import TinylmError
 from tinylm.model import build_model
 from tinylm.model.seq2seq import BOS, EOS, PAD, Seq2SeqTransformer
-from tinylm.training.copy_task_trainer import CopyTaskResult
+from tinylm.training import TrainResult
 
 RECIPE = REPO / "configs" / "copy-task.yaml"
 VOCAB = 13  # 10 symbols after PAD, BOS, EOS
@@ -52,7 +52,7 @@ def quick_overrides(out, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def copy_run(tmp_path_factory) -> CopyTaskResult:
+def copy_run(tmp_path_factory) -> TrainResult:
     out = tmp_path_factory.mktemp("copy") / "run"
     return tinylm.train(tinylm.load_config(RECIPE, quick_overrides(out)))
 
@@ -154,14 +154,14 @@ def test_the_held_out_sequences_are_never_trained_on():
 
 
 def test_the_copy_task_is_learned_and_the_run_folder_is_complete(copy_run):
-    assert copy_run.best_val_accuracy >= 0.9
+    assert copy_run.best["val_accuracy"] >= 0.9
     run_dir = copy_run.run_dir
     for name in ("config.yaml", "model.safetensors", "metrics.jsonl", "samples.txt", "cross_attention.png"):
         assert (run_dir / name).is_file(), name
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evaluations = [r for r in records if "val_accuracy" in r]
     assert [r["step"] for r in evaluations] == [100, 200]
-    assert copy_run.best_val_accuracy == max(r["val_accuracy"] for r in evaluations)
+    assert copy_run.best["val_accuracy"] == max(r["val_accuracy"] for r in evaluations)
     run = tinylm.load_copy_task(run_dir)
     assert run.translate("3 1 4 1 0") == "3 1 4 1 0"
 
@@ -212,4 +212,4 @@ def test_the_recipe_passes_99_percent_of_held_out_sequences(tmp_path):
     # About a minute on one thread (500 steps); the time is not asserted, as it depends on what else the CPU runs.
     config = tinylm.load_config(RECIPE, {"out": str(tmp_path / "run"), "train.threads": 1})
     result = tinylm.train(config)
-    assert result.best_val_accuracy > 0.99
+    assert result.best["val_accuracy"] > 0.99

@@ -12,11 +12,12 @@ from conftest import tiny_overrides
 from safetensors.torch import load_file
 
 import tinylm
+from tinylm.config import resume_config
 from tinylm.errors import TinylmError
 from tinylm.training import checkpoint as checkpoint_module
-from tinylm.training import trainer
 from tinylm.training.checkpoint import latest_checkpoint, load_checkpoint
 from tinylm.training.optim import learning_rate_factor
+from tinylm.training.tasks import pretrain
 from tinylm.training.throughput import flops_per_token, peak_flops
 
 
@@ -87,7 +88,7 @@ def test_schedule_shapes_differ_as_named():
 
 def nan_at_training_forward(monkeypatch, call: int) -> None:
     """Make the model's loss NaN on its `call`-th training forward pass."""
-    original = trainer.build_model
+    original = pretrain.build_model
 
     def build_with_nan(config):
         model = original(config)
@@ -101,7 +102,7 @@ def nan_at_training_forward(monkeypatch, call: int) -> None:
         model.final_norm.register_forward_hook(poison)
         return model
 
-    monkeypatch.setattr(trainer, "build_model", build_with_nan)
+    monkeypatch.setattr(pretrain, "build_model", build_with_nan)
 
 
 def test_a_nan_loss_stops_the_run_with_the_step_and_a_hint(text_file, tmp_path, monkeypatch):
@@ -207,6 +208,6 @@ def test_flops_per_token_counts_every_matrix_and_attention():
 def test_resume_refuses_a_folder_without_checkpoint_or_a_changed_model(text_file, tmp_path):
     result = train_tiny(text_file, tmp_path / "run", **{"train.max_steps": 5, "train.eval_interval": 5})
     with pytest.raises(TinylmError, match=r"model\.n_layer cannot change"):
-        trainer.resume_config(result.run_dir, {"model": {"n_layer": 3}})
+        resume_config(result.run_dir, {"model": {"n_layer": 3}})
     with pytest.raises(TinylmError, match="no checkpoint to resume from"):
         tinylm.train(tinylm.load_config(None, tiny_overrides(text_file, tmp_path / "empty")), resume=True)

@@ -45,16 +45,16 @@ def read_records(run_dir) -> tuple[list, list]:
 KILL_AT_STEP = """
 import os, signal, sys
 from tinylm.cli import main
-from tinylm.training.trainer import TrainingLoop
+from tinylm.training.engine import Engine
 
-step = TrainingLoop.train_step
+step = Engine.train_step
 
 def killed_during_step(self):
     if self.step + 1 == int(os.environ["KILL_AT_STEP"]):
         os.kill(os.getpid(), signal.SIGKILL)
     return step(self)
 
-TrainingLoop.train_step = killed_during_step
+Engine.train_step = killed_during_step
 sys.exit(main(sys.argv[1:]))
 """
 

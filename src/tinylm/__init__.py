@@ -10,7 +10,7 @@ from tinylm.config import Config, DataConfig, ModelConfig, SampleConfig, TaskCon
 from tinylm.copy_task import CopyTaskRun, load_copy_task
 from tinylm.errors import TinylmError
 from tinylm.run import Run, load
-from tinylm.training.trainer import TrainResult, train
+from tinylm.training import TrainResult, train
 
 __all__ = [
     "Config",

@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_train(args: list[str]) -> int:
-    from tinylm.training.trainer import resume_config, train
+    from tinylm.config import resume_config
+    from tinylm.training import train
 
     values = parse_user_values(train_parser(), args)
     overwrite = values.pop("overwrite", False)
@@ -386,7 +387,7 @@ def run_import(args) -> int:
 
 
 def run_finetune(args: list[str]) -> int:
-    from tinylm.finetune import finetune
+    from tinylm.training import finetune
 
     try:
         values = finetune_parser().parse_args(_bare_switches_on([_underscored(arg) for arg in args])).as_dict()

@@ -463,6 +463,28 @@ def resolve_config(user_values: dict[str, Any], parser: ArgumentParser | None = 
     return config
 
 
+def resume_config(run_dir: str | Path, user_values: dict[str, Any]) -> Config:
+    """The config of the run in `run_dir`, with the training keys the user changes for the rest of the run."""
+    from tinylm.runs import CONFIG_FILE, read_yaml
+
+    saved_file = Path(run_dir) / CONFIG_FILE
+    if not saved_file.is_file():
+        raise TinylmError(f"{run_dir} is not a tinylm run folder (no {CONFIG_FILE}); give the --out folder of a run")
+    saved = read_yaml(saved_file)
+    for section in ("data", "model"):
+        for key, value in user_values.get(section, {}).items():
+            if saved[section].get(key) != value:
+                raise TinylmError(
+                    f"--resume continues the same model on the same data, so {section}.{key} cannot change; "
+                    "start a new run with another --out"
+                )
+    merged = {**saved, "out": str(run_dir)}
+    for section, values in user_values.items():
+        if isinstance(values, dict):
+            merged[section] = {**saved.get(section, {}), **values}
+    return resolve_config(merged)
+
+
 def _batch_from_tokens(config: Config, batch_size_given: bool) -> Config:
     """One rule: batch_size sequences of block_size tokens make a step; batch_tokens, when set, decides batch_size."""
     train, block_size = config.train, config.model.block_size

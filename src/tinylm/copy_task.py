@@ -25,8 +25,8 @@ from tinylm.device import resolve_device
 from tinylm.errors import TinylmError
 from tinylm.model import build_model
 from tinylm.model.seq2seq import BOS, EOS, PAD, Seq2SeqTransformer
-from tinylm.training.checkpoint import BEST_WEIGHTS, load_weights
-from tinylm.training.trainer import CONFIG_FILE
+from tinylm.runs import CONFIG_FILE, load_weights
+from tinylm.runs import WEIGHTS_FILE as BEST_WEIGHTS
 
 SPECIAL_TOKENS = ("PAD", "BOS", "EOS")
 ATTENTION_PLOT = "cross_attention.png"

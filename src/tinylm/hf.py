@@ -28,7 +28,9 @@ from tinylm.config import Config, DataConfig, ModelConfig
 from tinylm.errors import TinylmError
 from tinylm.model import build_model
 from tinylm.pretrained import PACKAGED_GGUF, packaged_gguf
-from tinylm.run import Run, load_run_folder
+from tinylm.run import Run, load
+from tinylm.runs import CONFIG_FILE, save_weights
+from tinylm.runs import WEIGHTS_FILE as BEST_WEIGHTS
 from tinylm.tokenizers import (
     END_OF_TEXT,
     HF_TOKENIZER_FILE,
@@ -37,8 +39,6 @@ from tinylm.tokenizers import (
     TiktokenTokenizer,
     Tokenizer,
 )
-from tinylm.training.checkpoint import BEST_WEIGHTS, save_weights
-from tinylm.training.trainer import CONFIG_FILE
 
 INSTALL_HINT = "pip install 'tinylm[hf]'"
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -414,7 +414,7 @@ def import_model(source: str, out: str | Path, overwrite: bool = False) -> Impor
 def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write `out` as a Hugging Face model folder that AutoModelForCausalLM and AutoTokenizer load."""
     transformers = _transformers()
-    run = load_run_folder(run_dir, device="cpu")
+    run = load(run_dir, device="cpu")
     family = hf_family(run.config.model)
     out = Path(out).expanduser()
     check_free(out, overwrite, "the output folder")
@@ -444,7 +444,7 @@ def export_gguf(run_dir: str | Path, path: str | Path, overwrite: bool = False) 
         import gguf
     except ImportError:
         raise TinylmError(f"GGUF export needs the gguf package: {INSTALL_HINT}") from None
-    run = load_run_folder(run_dir, device="cpu")
+    run = load(run_dir, device="cpu")
     config = run.config.model
     if hf_family(config) != "llama":
         raise TinylmError(

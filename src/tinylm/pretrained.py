@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinylm.config import Config, resolve_config
 from tinylm.data.instructions import DEFAULT_CHAT_TEMPLATE, Messages
 from tinylm.errors import TinylmError
-from tinylm.tokenizers import END_OF_TEXT, HuggingFaceTokenizer, Tokenizer
-from tinylm.training.checkpoint import BEST_WEIGHTS
-from tinylm.training.trainer import CONFIG_FILE
+from tinylm.model import build_model
+from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, is_run, load_weights, read_yaml
+from tinylm.tokenizers import END_OF_TEXT, HuggingFaceTokenizer, Tokenizer, load_tokenizer
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the name transformers gives a tokenizer's template file too
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # where transformers keeps the template and special tokens' texts
@@ -229,15 +230,11 @@ class Pretrained:
     model: nn.Module
     """The network as loaded: a transformers PreTrainedModel or a tinylm GPT (what peft wraps)."""
     tokenizer: ChatTokenizer
-    run_config: dict | None = None
-    """A tinylm base's config.yaml, for saving a fine-tuned copy as a run folder."""
+    config: Config | None = None
+    """A tinylm run's config (its model, data and `sample` defaults); None for other models."""
     has_chat_template: bool = True
     """Whether the model came with a chat template (else `tokenizer` renders with DEFAULT_CHAT_TEMPLATE, which is
     what a fine-tune teaches it, but the model itself only continues text)."""
-
-
-def is_tinylm_run(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() and (path / BEST_WEIGHTS).is_file()
 
 
 def load_pretrained(spec: str, device: torch.device, bits: int | None = None) -> Pretrained:
@@ -245,10 +242,10 @@ def load_pretrained(spec: str, device: torch.device, bits: int | None = None) ->
     path = Path(spec).expanduser()
     if bits is not None:
         check_quantization(device)
-    if is_tinylm_run(path):
+    if is_run(path):
         if bits is not None:
             raise TinylmError("--bits quantizes Hugging Face models only; fine-tune a tinylm run without it")
-        return _load_tinylm_run(path, device)
+        return load_tinylm_run(path, device)
     require_hf()
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -280,15 +277,26 @@ def load_pretrained(spec: str, device: torch.device, bits: int | None = None) ->
     return Pretrained("hf", model, HuggingFaceChatTokenizer(tokenizer, eos), has_chat_template=has_chat_template)
 
 
-def _load_tinylm_run(path: Path, device: torch.device) -> Pretrained:
-    import yaml
-
-    from tinylm.run import load_run_folder
-
-    run = load_run_folder(path, device=str(device))
-    run_config = yaml.safe_load((path / CONFIG_FILE).read_text())
-    chat = run.chat or TinylmChatTokenizer(run.tokenizer)
-    return Pretrained("tinylm", run.model, chat, run_config, has_chat_template=run.chat is not None)
+def load_tinylm_run(path: Path, device: torch.device) -> Pretrained:
+    """A tinylm run folder (`tinylm train`, `tinylm import`, a tinylm base's merged fine-tune) with its tokenizer
+    and chat template; a conversation is rendered with DEFAULT_CHAT_TEMPLATE when the run has none."""
+    if not is_run(path):
+        raise TinylmError(
+            f"{path} is not a tinylm run folder (it needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
+            "give the --out folder of a finished `tinylm train`"
+        )
+    config = resolve_config(read_yaml(path / CONFIG_FILE))
+    if config.model.arch == "seq2seq":
+        raise TinylmError(
+            f"{path} holds a seq2seq model, which answers sequences rather than continuing text; "
+            f'use `tinylm translate {path} "3 1 4 1 5"` or tinylm.load_copy_task()'
+        )
+    tokenizer = load_tokenizer(path)
+    model = build_model(config.model).to(device)
+    load_weights(model, path / WEIGHTS_FILE)
+    model.eval()
+    chat = load_chat_tokenizer(path, tokenizer)
+    return Pretrained("tinylm", model, chat or TinylmChatTokenizer(tokenizer), config, has_chat_template=bool(chat))
 
 
 def packaged_gguf(name: str) -> Path:

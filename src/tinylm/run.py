@@ -13,31 +13,28 @@ from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-import yaml
 from torch import nn
 
-from tinylm.config import Config, DataConfig, SampleConfig, check_sample_config, resolve_config
+from tinylm.config import Config, DataConfig, SampleConfig, check_sample_config
 from tinylm.data.documents import open_source
 from tinylm.data.instructions import Messages
 from tinylm.device import resolve_device
 from tinylm.errors import TinylmError
 from tinylm.evaluate import DEFAULT_EVAL_CONTEXT, EvalResult, document_tokens, evaluate
 from tinylm.generate import Piece, encode_prompt, stream_text
-from tinylm.model import build_model
-from tinylm.pretrained import (
-    ChatTokenizer,
-    HuggingFaceLM,
-    Pretrained,
-    is_tinylm_run,
-    load_chat_tokenizer,
-    load_pretrained,
+from tinylm.pretrained import ChatTokenizer, HuggingFaceLM, Pretrained, load_pretrained, load_tinylm_run
+from tinylm.runs import (
+    CONFIG_FILE,
+    FINETUNE_RESULT_FILE,
+    HF_CONFIG_FILE,
+    MERGED_MODEL_FOLDER,
+    WEIGHTS_FILE,
+    is_run,
+    read_json,
 )
-from tinylm.tokenizers import Tokenizer, load_tokenizer
-from tinylm.training.checkpoint import BEST_WEIGHTS, load_weights
-from tinylm.training.trainer import CONFIG_FILE
+from tinylm.tokenizers import Tokenizer
 
 ROLES = ("system", "user", "assistant")
-HF_CONFIG_FILE = "config.json"
 
 
 @dataclass
@@ -140,49 +137,39 @@ class Run:
 def load(path: str | Path, device: str = "auto") -> Run:
     """Load a model (see the module docstring for what `path` may be) for generation, chat and evaluation."""
     folder = Path(path).expanduser()
-    if is_tinylm_run(folder):
-        return load_run_folder(folder, device)
-    from tinylm.finetune import RESULT_FILE, load_finetune_output
-
-    if (folder / RESULT_FILE).is_file():
+    if is_run(folder):
+        return pretrained_run(folder, load_tinylm_run(folder, resolve_device(device)))
+    if (folder / FINETUNE_RESULT_FILE).is_file():
         return load_finetune_output(folder, device)
     if folder.is_dir() and not (folder / HF_CONFIG_FILE).is_file():
         raise TinylmError(
-            f"{folder} is not a tinylm run folder ({CONFIG_FILE} + {BEST_WEIGHTS}), a fine-tune output ({RESULT_FILE}) "
-            f"or a Hugging Face model folder ({HF_CONFIG_FILE}); give the --out folder of `tinylm train` or `finetune`"
+            f"{folder} is not a tinylm run folder ({CONFIG_FILE} + {WEIGHTS_FILE}), a fine-tune output "
+            f"({FINETUNE_RESULT_FILE}) or a Hugging Face model folder ({HF_CONFIG_FILE}); give the --out folder of "
+            "`tinylm train` or `finetune`"
         )
     return pretrained_run(Path(path), load_pretrained(str(path), resolve_device(device)))
 
 
-def load_run_folder(path: str | Path, device: str = "auto") -> Run:
-    """Load a run folder written by `tinylm train` (or `tinylm import`, or a tinylm base's merged fine-tune)."""
-    path = Path(path)
-    if not is_tinylm_run(path):
-        raise TinylmError(
-            f"{path} is not a tinylm run folder (it needs {CONFIG_FILE} and {BEST_WEIGHTS}); "
-            "give the --out folder of a finished `tinylm train`"
-        )
-    config = resolve_config(yaml.safe_load((path / CONFIG_FILE).read_text()))
-    if config.model.arch == "seq2seq":
-        raise TinylmError(
-            f"{path} holds a seq2seq model, which answers sequences rather than continuing text; "
-            f'use `tinylm translate {path} "3 1 4 1 5"` or tinylm.load_copy_task()'
-        )
-    tokenizer = load_tokenizer(path)
-    model = build_model(config.model).to(resolve_device(device))
-    load_weights(model, path / BEST_WEIGHTS)
-    model.eval()
-    return Run(path, model, tokenizer, load_chat_tokenizer(path, tokenizer), config)
+def load_finetune_output(folder: Path, device: str = "auto") -> Run:
+    """A `tinylm finetune` output folder, ready to answer through the chat template it was trained with: its merged
+    model/ when it has one, else the base with the adapter on top."""
+    if (folder / MERGED_MODEL_FOLDER).is_dir():
+        return load(folder / MERGED_MODEL_FOLDER, device)
+    from peft import PeftModel
+
+    info = read_json(folder / FINETUNE_RESULT_FILE)
+    base = load_pretrained(info["base"], resolve_device(device))
+    adapted = PeftModel.from_pretrained(base.model, str(folder))
+    return pretrained_run(folder, replace(base, model=adapted, has_chat_template=True))
 
 
 def pretrained_run(path: Path, pretrained: Pretrained) -> Run:
     """A Run of a model `load_pretrained` gave (its network possibly wrapped with a fine-tune's adapter)."""
     model = pretrained.model.eval()
-    config = resolve_config(pretrained.run_config) if pretrained.run_config else None
     return Run(
         path,
         HuggingFaceLM(model) if pretrained.kind == "hf" else model,
         pretrained.tokenizer.text_tokenizer(),
         pretrained.tokenizer if pretrained.has_chat_template else None,
-        config,
+        pretrained.config,
     )

@@ -203,9 +203,12 @@ class TokenizedExamples:
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
         return order
 
-    def training_batch(self, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch of optimizer micro-step `step`: consecutive rows of a reshuffled pass over the data per epoch."""
+    def training_batch(
+        self, step: int, batch_size: int, seed: int, rows: slice = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rows` of the batch of optimizer step `step`: consecutive rows of a reshuffled pass over the data per
+        epoch."""
         n = len(self.rows)
-        positions = range(step * batch_size, (step + 1) * batch_size)
+        positions = range(step * batch_size, (step + 1) * batch_size)[rows]
         orders = {epoch: self.epoch_order(seed, epoch) for epoch in {p // n for p in positions}}
         return self.batch([orders[p // n][p % n] for p in positions])

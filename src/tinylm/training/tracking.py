@@ -104,7 +104,8 @@ class Tracker:
         steps = [r for r in self.records if "loss" in r]
         evals = [r for r in self.records if "val_loss" in r]
         axes.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6, label="train (batch)")
-        axes.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+        train_evals = [r for r in evals if "train_loss" in r]  # pretraining measures both splits
+        axes.plot([r["step"] for r in train_evals], [r["train_loss"] for r in train_evals], "o-", label="train (eval)")
         axes.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
         axes.set(xlabel="step", ylabel="loss (nats/token)", title=self.run_dir.name)
         axes.grid(alpha=0.3)

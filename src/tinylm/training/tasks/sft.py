@@ -1,0 +1,263 @@
+"""Instruction fine-tuning: LoRA (QLoRA with 4/8-bit weights on CUDA) through peft, or every weight.
+
+    base (Hugging Face model, GGUF, tinylm run) + instruction data (Alpaca or chat form, see data/instructions.py)
+      -> held-out loss before -> training on the response tokens -> held-out loss of the best weights
+      -> out/: adapter_config.json + adapter_model.safetensors (LoRA, peft format), tokenizer and chat template,
+               model/ (--merge or full fine-tuning: a Hugging Face folder, or a tinylm run for a tinylm base),
+               finetune.yaml (config), finetune.json (results), metrics.jsonl, checkpoints/ (resume)
+
+A row is one conversation (or, with `pack`, max_length tokens of conversations laid end to end); the loss is the
+cross-entropy of the assistant's tokens only. A tinylm run is fine-tuned as tinylm's own GPT: peft wraps any
+nn.Module, its layers are named `qkv`, `proj`, `fc` (or `gate`, `up`), and the result stays a tinylm run that every
+tinylm command reads. `tinylm.load(out)` loads any result for generation, chat, serving and evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinylm.config import Config, FinetuneConfig, check_config, finetune_train_defaults
+from tinylm.data.instructions import IGNORE, TokenizedExamples, load_instructions
+from tinylm.errors import TinylmError
+from tinylm.pretrained import HuggingFaceLM, Pretrained, load_pretrained
+from tinylm.runs import (
+    CONFIG_FILE,
+    FINETUNE_CONFIG_FILE,
+    FINETUNE_RESULT_FILE,
+    MERGED_MODEL_FOLDER,
+    WEIGHTS_FILE,
+    read_yaml,
+    replace_output,
+    save_weights,
+    write_json,
+    write_yaml,
+)
+from tinylm.training.distributed import Processes
+from tinylm.training.engine import Batch, Engine, Forward, Task, TrainResult, checkpoint_blocks, run_task
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    steps: int
+    held_out_loss_before: float
+    held_out_loss_after: float
+    """The held-out loss of the weights kept: the best evaluation's."""
+    trainable_parameters: int
+    elapsed_s: float
+    peak_gpu_memory_mb: float | None
+    """Most CUDA memory allocated at once during the fine-tune (None off CUDA)."""
+
+
+def finetune(config: FinetuneConfig, overwrite: bool = False, resume: bool = False) -> FinetuneResult:
+    """Fine-tune `config.base` on `config.data` and write `config.out` (see the module docstring)."""
+    result = run_task(InstructionTuning(config, resume), overwrite, resume)
+    return FinetuneResult(result.run_dir, result.steps, **result.details)
+
+
+class InstructionTuning(Task):
+    name = "fine-tuning"
+    kind = "finetune"
+    refused: ClassVar[dict[str, str]] = {
+        "batch_tokens": "rows are conversations of different lengths; set train.batch_size",
+        "eval_batches": "every held-out example is evaluated; set --held-out-examples",
+    }
+    evaluates_at_start = True
+    best_weights_file = "checkpoints/best.safetensors"
+
+    def __init__(self, config: FinetuneConfig, resume: bool = False):
+        check_finetune_config(config)
+        self.config = config
+        self.out, self.train, self.default_train = Path(config.out), config.train, finetune_train_defaults()
+        if resume:
+            check_same_fine_tune(self.out, config)
+
+    def setup(self, processes: Processes) -> nn.Module:
+        config, device = self.config, processes.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        data = load_instructions(config.data, config.held_out_examples, config.max_examples)
+        self.base = load_pretrained(config.base, device, config.bits)
+        self.trainable = attach_trainable(self.base, config)
+        lm = HuggingFaceLM(self.trainable) if self.base.kind == "hf" else self.trainable
+        tokenizer = self.base.tokenizer
+        max_length = min(config.max_length, lm.config.block_size)
+        encode = (tokenizer.render, tokenizer.encode)
+        self.train_set = TokenizedExamples(data.train, *encode, max_length, config.pack, tokenizer.pad_id)
+        self.held_out = TokenizedExamples(data.held_out, *encode, max_length, pad_id=tokenizer.pad_id)
+        self.processes = processes
+        return lm
+
+    def write_files(self, folder: Path) -> None:
+        write_yaml(folder / FINETUNE_CONFIG_FILE, asdict(self.config))
+
+    def describe(self, model: nn.Module) -> str:
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return (
+            f"fine-tuning {trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters "
+            f"({self.config.method}), {len(self.train_set)} training rows, {len(self.held_out)} held out,"
+        )
+
+    @property
+    def resume_command(self) -> str:
+        return "the same `tinylm finetune` command with --resume"
+
+    def checkpoint_activations(self, model: nn.Module) -> None:
+        """Done by attach_trainable, before peft wraps the model (a Hugging Face model has its own switch)."""
+
+    def batch(self, step: int, generator: torch.Generator, rows: slice) -> Batch:
+        return self.train_set.training_batch(step, self.train.batch_size, self.train.seed, rows)
+
+    def micro_batches(self, batch: Batch, size: int) -> list[Batch]:
+        """Each micro-batch cut after its last labelled column: a causal model's loss on the tokens before does not
+        depend on what follows them."""
+        cut = []
+        for ids, labels in super().micro_batches(batch, size):
+            labelled = (labels != IGNORE).any(dim=0).nonzero()
+            width = int(labelled[-1]) + 1 if len(labelled) else 1
+            cut.append((ids[:, :width], labels[:, :width]))
+        return cut
+
+    def targets(self, micro_batch: Batch) -> int:
+        return int((micro_batch[1][:, 1:] != IGNORE).sum())
+
+    def loss(self, forward: Forward, micro_batch: Batch) -> torch.Tensor:
+        return response_nats(forward, *micro_batch)
+
+    def evaluate(self, engine: Engine) -> dict[str, float]:
+        """The mean loss per response token over every held-out example (each process takes every k-th)."""
+        mine = list(range(self.processes.rank, len(self.held_out), self.processes.world_size))
+        size = engine.micro_batch_size
+        batches = [self.held_out.batch(mine[first : first + size]) for first in range(0, len(mine), size)]
+        return {"val_loss": engine.mean_loss(batches)}
+
+    def finish(self, model: nn.Module, result: TrainResult) -> None:
+        device = self.processes.device
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        result.details = {
+            "held_out_loss_before": result.start["val_loss"],
+            "held_out_loss_after": result.best_val_loss,
+            "trainable_parameters": trained,
+            "elapsed_s": result.elapsed_s,
+            "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        }
+        if not result.is_main:
+            return
+        save_outputs(self.out, self.config, self.base, self.trainable)
+        # A local base is recorded by its absolute path: the adapter is loaded onto it from wherever tinylm runs next.
+        base_path = Path(self.config.base).expanduser()
+        recorded_base = str(base_path.resolve()) if base_path.exists() else self.config.base
+        record = {"base": recorded_base, "kind": self.base.kind, "method": self.config.method}
+        write_json(
+            self.out / FINETUNE_RESULT_FILE, {**record, "out": str(self.out), "steps": result.steps, **result.details}
+        )
+
+    def config_record(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+
+def check_finetune_config(config: FinetuneConfig) -> None:
+    check_config(Config(train=config.train))
+    for key in ("lora_r", "max_length", "held_out_examples"):
+        if getattr(config, key) < 1:
+            raise TinylmError(f"--{key.replace('_', '-')} must be at least 1, not {getattr(config, key)}")
+    if config.method == "full" and config.bits is not None:
+        raise TinylmError("--bits trains LoRA adapters on quantized weights; drop --full or --bits")
+    if config.merge and config.bits is not None:
+        raise TinylmError("--merge cannot fold an adapter into 4/8-bit weights; drop --merge and load base + adapter")
+    if not 0.0 <= config.lora_dropout < 1.0:
+        raise TinylmError(f"--lora-dropout must be in [0, 1), not {config.lora_dropout}")
+
+
+def check_same_fine_tune(out: Path, config: FinetuneConfig) -> None:
+    """--resume continues the fine-tune `out` was started with; only train.max_steps may change (to extend it)."""
+    saved_file = out / FINETUNE_CONFIG_FILE
+    if not saved_file.is_file():
+        raise TinylmError(f"nothing to resume in {out}: it holds no {FINETUNE_CONFIG_FILE}; run without --resume")
+    saved, given = read_yaml(saved_file), asdict(config)
+    saved["train"]["max_steps"] = given["train"]["max_steps"]
+    changed = [key for key in given if given[key] != saved.get(key)]
+    if changed:
+        raise TinylmError(f"--resume needs the config {out} was started with; '{changed[0]}' differs")
+
+
+def attach_trainable(base: Pretrained, config: FinetuneConfig) -> nn.Module:
+    """The base with what is to be trained made trainable: LoRA adapters (everything else frozen), or every weight."""
+    model = base.model
+    checkpointing = config.train.activation_checkpointing
+    if checkpointing and base.kind == "hf":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif checkpointing:
+        checkpoint_blocks(model)
+    if config.method == "full":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if config.bits is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    targets = config.target_modules
+    if targets is None and base.kind == "tinylm":
+        output_layer = model.lm_head
+        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output_layer]
+        targets = sorted({name.rsplit(".", 1)[-1] for name in linear})
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM" if base.kind == "hf" else None,
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:  # peft: no target module found, or no default for this architecture
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        reason = str(error).strip().splitlines()[0]
+        raise TinylmError(f"{reason[:200]}; choose --target-modules among: {', '.join(names)}") from None
+
+
+def response_nats(lm: Forward, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy (nats) of predicting each labelled token from the ones before it."""
+    logits, _ = lm(ids)
+    logits = logits[:, :-1].flatten(0, 1).float()
+    return F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def save_outputs(out: Path, config: FinetuneConfig, base: Pretrained, trained: nn.Module) -> None:
+    """The adapter (LoRA) and tokenizer in `out`, and with --merge or full fine-tuning the whole model in out/model.
+    Each is written under a temporary name and moved into place."""
+    staging = out / ".outputs.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    if config.method == "lora":
+        trained.save_pretrained(str(staging))
+        (staging / "README.md").unlink(missing_ok=True)  # peft's empty model card
+    base.tokenizer.save(staging)
+    for file in staging.iterdir():
+        os.replace(file, out / file.name)
+    staging.rmdir()
+    if config.method == "full" or config.merge:
+        model = trained.merge_and_unload() if config.method == "lora" else trained
+        save_model_folder(out / MERGED_MODEL_FOLDER, base, model)
+
+
+def save_model_folder(folder: Path, base: Pretrained, model: nn.Module) -> None:
+    """A standalone model: a Hugging Face folder (config.json, model.safetensors, tokenizer), or for a tinylm base a
+    tinylm run folder (config.yaml, model.safetensors, tokenizer, chat template)."""
+    staging = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    if base.kind == "hf":
+        model.save_pretrained(str(staging))
+    else:
+        write_yaml(staging / CONFIG_FILE, base.config.to_dict())
+        save_weights(model, staging / WEIGHTS_FILE)
+    base.tokenizer.save(staging)
+    replace_output(staging, folder)
