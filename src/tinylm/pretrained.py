@@ -22,9 +22,8 @@ from torch import nn
 
 from tinylm.data.instructions import DEFAULT_CHAT_TEMPLATE, Messages
 from tinylm.errors import TinylmError
+from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE
 from tinylm.tokenizers import END_OF_TEXT, HuggingFaceTokenizer, Tokenizer
-from tinylm.training.checkpoint import BEST_WEIGHTS
-from tinylm.training.trainer import CONFIG_FILE
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the name transformers gives a tokenizer's template file too
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # where transformers keeps the template and special tokens' texts
@@ -237,7 +236,7 @@ class Pretrained:
 
 
 def is_tinylm_run(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() and (path / BEST_WEIGHTS).is_file()
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
 def load_pretrained(spec: str, device: torch.device, bits: int | None = None) -> Pretrained:

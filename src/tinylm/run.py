@@ -32,12 +32,10 @@ from tinylm.pretrained import (
     load_chat_tokenizer,
     load_pretrained,
 )
+from tinylm.runs import CONFIG_FILE, FINETUNE_RESULT_FILE, HF_CONFIG_FILE, WEIGHTS_FILE, load_weights
 from tinylm.tokenizers import Tokenizer, load_tokenizer
-from tinylm.training.checkpoint import BEST_WEIGHTS, load_weights
-from tinylm.training.trainer import CONFIG_FILE
 
 ROLES = ("system", "user", "assistant")
-HF_CONFIG_FILE = "config.json"
 
 
 @dataclass
@@ -142,14 +140,15 @@ def load(path: str | Path, device: str = "auto") -> Run:
     folder = Path(path).expanduser()
     if is_tinylm_run(folder):
         return load_run_folder(folder, device)
-    from tinylm.finetune import RESULT_FILE, load_finetune_output
+    from tinylm.finetune import load_finetune_output
 
-    if (folder / RESULT_FILE).is_file():
+    if (folder / FINETUNE_RESULT_FILE).is_file():
         return load_finetune_output(folder, device)
     if folder.is_dir() and not (folder / HF_CONFIG_FILE).is_file():
         raise TinylmError(
-            f"{folder} is not a tinylm run folder ({CONFIG_FILE} + {BEST_WEIGHTS}), a fine-tune output ({RESULT_FILE}) "
-            f"or a Hugging Face model folder ({HF_CONFIG_FILE}); give the --out folder of `tinylm train` or `finetune`"
+            f"{folder} is not a tinylm run folder ({CONFIG_FILE} + {WEIGHTS_FILE}), a fine-tune output "
+            f"({FINETUNE_RESULT_FILE}) or a Hugging Face model folder ({HF_CONFIG_FILE}); "
+            "give the --out folder of `tinylm train` or `finetune`"
         )
     return pretrained_run(Path(path), load_pretrained(str(path), resolve_device(device)))
 
@@ -159,7 +158,7 @@ def load_run_folder(path: str | Path, device: str = "auto") -> Run:
     path = Path(path)
     if not is_tinylm_run(path):
         raise TinylmError(
-            f"{path} is not a tinylm run folder (it needs {CONFIG_FILE} and {BEST_WEIGHTS}); "
+            f"{path} is not a tinylm run folder (it needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
             "give the --out folder of a finished `tinylm train`"
         )
     config = resolve_config(yaml.safe_load((path / CONFIG_FILE).read_text()))
@@ -170,7 +169,7 @@ def load_run_folder(path: str | Path, device: str = "auto") -> Run:
         )
     tokenizer = load_tokenizer(path)
     model = build_model(config.model).to(resolve_device(device))
-    load_weights(model, path / BEST_WEIGHTS)
+    load_weights(model, path / WEIGHTS_FILE)
     model.eval()
     return Run(path, model, tokenizer, load_chat_tokenizer(path, tokenizer), config)
 
