@@ -29,8 +29,7 @@ from decode import SLM_15M  # bench/decode.py: the script's folder is on the pat
 
 from tinylm.config import Config
 from tinylm.model import build_model, count_parameters
-from tinylm.runs import CONFIG_FILE, save_weights
-from tinylm.runs import WEIGHTS_FILE as BEST_WEIGHTS
+from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, save_weights, write_yaml
 from tinylm.tokenizers import CharTokenizer
 
 PROMPTS = ["Once upon a time", "The little dog", "She opened the door and", "In the morning, Tom"]
@@ -41,11 +40,11 @@ def random_run(folder: Path) -> int:
     tokenizer = CharTokenizer.train([string.printable])
     config = Config(model=replace(SLM_15M, vocab_size=tokenizer.vocab_size), out=str(folder))
     folder.mkdir(parents=True)
-    config.save(folder / CONFIG_FILE)
+    write_yaml(folder / CONFIG_FILE, config.to_dict())
     tokenizer.save(folder)
     torch.manual_seed(0)
     model = build_model(config.model)
-    save_weights(model, folder / BEST_WEIGHTS)
+    save_weights(model, folder / WEIGHTS_FILE)
     return count_parameters(model)["total"]
 
 

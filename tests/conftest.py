@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import subprocess
 from importlib.resources import files
 from pathlib import Path
 
@@ -109,3 +111,33 @@ def untrained_run(folder: Path, tokenizer=None, text: str = SMALL_TEXT, **model)
     torch.manual_seed(0)
     save_weights(build_model(config.model), folder / WEIGHTS_FILE)
     return folder
+
+
+def tree_hashes(path: Path) -> dict[str, str]:
+    """Every file under `path` (or `path` itself) by relative name, with the sha256 of its bytes."""
+    found = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in found}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A function that mounts a tmpfs of `size` bytes in a new folder and returns the folder: a disk that fills up.
+    Needs root and a working `mount`; the test is skipped otherwise."""
+    if os.geteuid() != 0:
+        pytest.skip("a small tmpfs needs root to mount")
+    mounted = []
+
+    def mount(size: int) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)

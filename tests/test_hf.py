@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import SMALL_TEXT, run_cli, tiny_overrides
+from conftest import SMALL_TEXT, run_cli, tiny_overrides, tree_hashes, untrained_run
 
 import tinylm
 from tinylm.config import Config, ModelConfig, SampleConfig
@@ -22,8 +22,7 @@ from tinylm.hf import (
     tokenizers_backend,
 )
 from tinylm.model import build_model
-from tinylm.runs import CONFIG_FILE, save_weights
-from tinylm.runs import WEIGHTS_FILE as BEST_WEIGHTS
+from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, save_weights, write_yaml
 from tinylm.tokenizers import CharTokenizer, HuggingFaceTokenizer, TiktokenTokenizer, Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -52,12 +51,12 @@ def make_run(folder: Path, tokenizer: Tokenizer, **model_fields) -> tinylm.Run:
     fields = {"vocab_size": tokenizer.vocab_size, "block_size": 32, "n_layer": 2, "n_head": 4, "n_embd": 32}
     config = Config(model=ModelConfig(**{**fields, **model_fields}), out=str(folder))
     folder.mkdir()
-    config.save(folder / CONFIG_FILE)
+    write_yaml(folder / CONFIG_FILE, config.to_dict())
     tokenizer.save(folder)
     torch.manual_seed(0)
     model = build_model(config.model)
     perturb(model)
-    save_weights(model, folder / BEST_WEIGHTS)
+    save_weights(model, folder / WEIGHTS_FILE)
     return tinylm.load(folder, device="cpu")
 
 
@@ -267,6 +266,74 @@ def test_gguf_export_refusals_are_one_line(tmp_path, capsys):
         code, _, err = run_cli(capsys, "export", str(tmp_path / run), "--to", "gguf", str(tmp_path / "m.gguf"))
         assert code == 1 and message in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*.gguf*"))
+
+
+@pytest.mark.parametrize(
+    ("to", "out", "message"),
+    [
+        ("hf", ".", "is the input"),
+        ("hf", "sub", "lies inside the input"),
+        ("gguf", "model.safetensors", "lies inside the input"),
+        ("gguf", "sub/model.gguf", "lies inside the input"),
+        ("hf", "..", "holds the input"),
+    ],
+)
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_export_never_writes_onto_or_into_its_run(tmp_path, capsys, to, out, message, overwrite):
+    run = untrained_run(tmp_path / "runs" / "run", **LLAMA_STYLE)
+    before = tree_hashes(tmp_path)
+    args = ["export", str(run), "--to", to, str(run / out)] + ["--overwrite"] * overwrite
+    code, _, err = run_cli(capsys, *args)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert tree_hashes(tmp_path) == before
+
+
+@pytest.mark.parametrize("to", ["hf", "gguf"])
+def test_export_overwrite_replaces_a_previous_export_and_nothing_else(tmp_path, capsys, to):
+    if to == "gguf":
+        pytest.importorskip("gguf")
+    run = untrained_run(tmp_path / "run", **LLAMA_STYLE)
+    foreign = tmp_path / ("notes" if to == "hf" else "notes.gguf")
+    if to == "hf":
+        foreign.mkdir()
+        (foreign / "notes.txt").write_text("a week of work")
+    else:
+        foreign.write_text("a week of work")
+    before = tree_hashes(foreign)
+    code, _, err = run_cli(capsys, "export", str(run), "--to", to, str(foreign), "--overwrite")
+    assert code == 1 and "not empty and is not a" in err and len(err.strip().splitlines()) == 1
+    assert tree_hashes(foreign) == before
+
+    export = tmp_path / ("hf" if to == "hf" else "model.gguf")
+    assert run_cli(capsys, "export", str(run), "--to", to, str(export))[0] == 0
+    first = tree_hashes(export)
+    code, _, err = run_cli(capsys, "export", str(run), "--to", to, str(export))
+    assert code == 1 and "--overwrite" in err and tree_hashes(export) == first
+    if to == "hf":
+        (export / "stale.txt").write_text("from the previous export")
+    code, _, err = run_cli(capsys, "export", str(run), "--to", to, str(export), "--overwrite")
+    assert code == 0, err
+    assert tree_hashes(export) == first  # the same run exported again, and nothing of the old one left
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_import_overwrite_replaces_a_run_and_nothing_else(tmp_path, capsys):
+    config = transformers.GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(str(tmp_path / "gpt2"))
+    save_hf_tokenizer(bpe_tokenizer(), tmp_path / "gpt2")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("a week of work")
+    before = tree_hashes(tmp_path)
+    for out, message in ((notes, "not empty and is not a tinylm run"), (tmp_path / "gpt2", "is the input")):
+        code, _, err = run_cli(capsys, "import", str(tmp_path / "gpt2"), "--out", str(out), "--overwrite")
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert tree_hashes(tmp_path) == before
+
+    run = untrained_run(tmp_path / "run")
+    code, _, err = run_cli(capsys, "import", str(tmp_path / "gpt2"), "--out", str(run), "--overwrite")
+    assert code == 0, err
+    assert not (run / "text.txt").exists() and tinylm.load(run, device="cpu").config.model.n_embd == 16
 
 
 # --- GGUF ---------------------------------------------------------------------------------------------------------

@@ -96,11 +96,11 @@ def test_a_dataset_shorter_than_one_context_window_is_refused(tmp_path):
 
 def test_an_existing_run_is_kept_unless_overwrite_is_asked(text_file, tmp_path):
     train_tiny(text_file, tmp_path / "run")
-    with pytest.raises(TinylmError, match="already holds a run; choose another --out or pass --overwrite"):
+    with pytest.raises(TinylmError, match="already holds a tinylm run; choose another --out or pass --overwrite"):
         train_tiny(text_file, tmp_path / "run")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    with pytest.raises(TinylmError, match="is not a tinylm run folder"):
+    with pytest.raises(TinylmError, match="is not empty and is not a tinylm run: tinylm will not replace it"):
         train_tiny(text_file, tmp_path / "notes")
 
 

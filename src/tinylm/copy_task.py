@@ -25,8 +25,7 @@ from tinylm.device import resolve_device
 from tinylm.errors import TinylmError
 from tinylm.model import build_model
 from tinylm.model.seq2seq import BOS, EOS, PAD, Seq2SeqTransformer
-from tinylm.runs import CONFIG_FILE, load_weights
-from tinylm.runs import WEIGHTS_FILE as BEST_WEIGHTS
+from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, load_weights
 
 SPECIAL_TOKENS = ("PAD", "BOS", "EOS")
 ATTENTION_PLOT = "cross_attention.png"
@@ -177,16 +176,16 @@ class CopyTaskRun:
 def load_copy_task(path: str | Path, device: str = "auto") -> CopyTaskRun:
     """Load a run folder written by `tinylm train` with model.arch seq2seq."""
     path = Path(path)
-    if not (path / CONFIG_FILE).is_file() or not (path / BEST_WEIGHTS).is_file():
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise TinylmError(
-            f"{path} is not a tinylm run folder (it needs {CONFIG_FILE} and {BEST_WEIGHTS}); "
+            f"{path} is not a tinylm run folder (it needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
             "give the --out folder of a finished `tinylm train configs/copy-task.yaml`"
         )
     config = resolve_config(yaml.safe_load((path / CONFIG_FILE).read_text()))
     if config.model.arch != "seq2seq":
         raise TinylmError(f"{path} holds a {config.model.arch} model, not a seq2seq one; use `tinylm generate` on it")
     model = build_model(config.model).to(resolve_device(device))
-    load_weights(model, path / BEST_WEIGHTS)
+    load_weights(model, path / WEIGHTS_FILE)
     model.eval()
     return CopyTaskRun(path, config, model)
 

@@ -13,8 +13,6 @@ target class cannot express exactly is refused, naming the config field, instead
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +27,7 @@ from tinylm.errors import TinylmError
 from tinylm.model import build_model
 from tinylm.pretrained import PACKAGED_GGUF, packaged_gguf
 from tinylm.run import Run, load
-from tinylm.runs import CONFIG_FILE, save_weights
-from tinylm.runs import WEIGHTS_FILE as BEST_WEIGHTS
+from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, save_weights, staged_output, write_yaml
 from tinylm.tokenizers import (
     END_OF_TEXT,
     HF_TOKENIZER_FILE,
@@ -378,33 +375,33 @@ def import_model(source: str, out: str | Path, overwrite: bool = False) -> Impor
     transformers = _transformers()
     location, gguf_file = resolve_source(source)
     out = Path(out).expanduser().resolve()
-    check_free(out, overwrite, "--out")
-    try:
-        config = transformers.AutoConfig.from_pretrained(location, gguf_file=gguf_file)
-        model_config = tinylm_model_config(config)
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf_file, dtype=torch.float32)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
-    except TinylmError:
-        raise
-    except Exception as error:  # the hub client and transformers raise many kinds: offline, unknown repo, bad file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TinylmError(
-            f"cannot load {source!r} with transformers ({reason}); give a local model folder, a .gguf file, "
-            "or a hub name while online"
-        ) from None
-    family = "gpt2" if config.model_type == "gpt2" else "llama"
-    model = build_model(model_config)
-    model.load_state_dict(from_hf_state(hf_model, family, model_config))
-
-    def write(staging: Path) -> None:
+    read = Path(location) / gguf_file if gguf_file else Path(location)
+    with staged_output(out, "run", overwrite, inputs=[read] if read.exists() else []) as staging:
+        try:
+            config = transformers.AutoConfig.from_pretrained(location, gguf_file=gguf_file)
+            model_config = tinylm_model_config(config)
+            hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+                location, gguf_file=gguf_file, dtype=torch.float32
+            )
+            tokenizer = transformers.AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
+        except TinylmError:
+            raise
+        except Exception as error:  # the hub client and transformers raise many kinds: offline, unknown repo, bad file
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise TinylmError(
+                f"cannot load {source!r} with transformers ({reason}); give a local model folder, a .gguf file, "
+                "or a hub name while online"
+            ) from None
+        family = "gpt2" if config.model_type == "gpt2" else "llama"
+        model = build_model(model_config)
+        model.load_state_dict(from_hf_state(hf_model, family, model_config))
         tokenizer.save_pretrained(str(staging))
         # The run's tokenizer is this folder's tokenizer.json, so `tinylm eval` re-tokenizes data with exactly it.
         spec = f"hf:{out}"
         HuggingFaceTokenizer(HFTokenizer.from_file(str(staging / HF_TOKENIZER_FILE)), spec).save(staging)
-        Config(data=DataConfig(tokenizer=spec), model=model_config, out=str(out)).save(staging / CONFIG_FILE)
-        save_weights(model, staging / BEST_WEIGHTS, {"source": source})
-
-    write_folder(out, write)
+        run_config = Config(data=DataConfig(tokenizer=spec), model=model_config, out=str(out))
+        write_yaml(staging / CONFIG_FILE, run_config.to_dict())
+        save_weights(model, staging / WEIGHTS_FILE, {"source": source})
     return ImportResult(out, model_config)
 
 
@@ -417,24 +414,21 @@ def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> 
     run = load(run_dir, device="cpu")
     family = hf_family(run.config.model)
     out = Path(out).expanduser()
-    check_free(out, overwrite, "the output folder")
-    tokenizer = hf_tokenizer(run)
-    special_ids = special_token_ids(tokenizer, run.tokenizer.end_of_text)
-    config = hf_config(run.config.model, special_ids)
-    model_class = transformers.GPT2LMHeadModel if family == "gpt2" else transformers.LlamaForCausalLM
-    hf_model = model_class(config)
-    state = to_hf_state(run.model, family)
-    for name, tensor in hf_model.state_dict().items():
-        if name.endswith(".bias") and not run.config.model.bias:
-            state.setdefault(name, torch.zeros_like(tensor))  # GPT-2 always has biases: tinylm's are zero
-    hf_model.load_state_dict(state, strict=True)
-    hf_model.generation_config = transformers.GenerationConfig(**special_ids, pad_token_id=run.tokenizer.end_of_text)
-
-    def write(staging: Path) -> None:
+    with staged_output(out, "hf", overwrite, inputs=[run.path], option="OUT") as staging:
+        tokenizer = hf_tokenizer(run)
+        special_ids = special_token_ids(tokenizer, run.tokenizer.end_of_text)
+        config = hf_config(run.config.model, special_ids)
+        model_class = transformers.GPT2LMHeadModel if family == "gpt2" else transformers.LlamaForCausalLM
+        hf_model = model_class(config)
+        state = to_hf_state(run.model, family)
+        for name, tensor in hf_model.state_dict().items():
+            if name.endswith(".bias") and not run.config.model.bias:
+                state.setdefault(name, torch.zeros_like(tensor))  # GPT-2 always has biases: tinylm's are zero
+        hf_model.load_state_dict(state, strict=True)
+        end = run.tokenizer.end_of_text
+        hf_model.generation_config = transformers.GenerationConfig(**special_ids, pad_token_id=end)
         hf_model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
-
-    write_folder(out, write)
     return out
 
 
@@ -456,20 +450,18 @@ def export_gguf(run_dir: str | Path, path: str | Path, overwrite: bool = False) 
             "model.bias is true: llama.cpp's llama architecture has no biases; train with model.bias false"
         )
     path = Path(path).expanduser()
-    check_free(path, overwrite, "output file")
-    vocabulary = gguf_vocabulary(run, config.vocab_size)
-    state = rename(split_qkv(tinylm_state(run.model), config), GGUF_MODULES, config.n_layer)
-    if config.tie_embeddings:
-        del state["output.weight"]  # llama.cpp reuses token_embd when there is no output matrix
-    for name in state:
-        if ".attn_q." in name:
-            state[name] = interleave_rotary_pairs(state[name], config.n_head)
-        elif ".attn_k." in name:
-            state[name] = interleave_rotary_pairs(state[name], config.kv_heads)
+    with staged_output(path, "gguf", overwrite, inputs=[run.path], option="OUT") as staging:
+        vocabulary = gguf_vocabulary(run, config.vocab_size)
+        state = rename(split_qkv(tinylm_state(run.model), config), GGUF_MODULES, config.n_layer)
+        if config.tie_embeddings:
+            del state["output.weight"]  # llama.cpp reuses token_embd when there is no output matrix
+        for name in state:
+            if ".attn_q." in name:
+                state[name] = interleave_rotary_pairs(state[name], config.n_head)
+            elif ".attn_k." in name:
+                state[name] = interleave_rotary_pairs(state[name], config.kv_heads)
 
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(str(partial), "llama")
-    try:
+        writer = gguf.GGUFWriter(str(staging), "llama")
         writer.add_name(run.path.resolve().name)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
         writer.add_vocab_size(config.vocab_size)
@@ -501,9 +493,6 @@ def export_gguf(run_dir: str | Path, path: str | Path, overwrite: bool = False) 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
     return path
 
 
@@ -551,27 +540,3 @@ def gguf_vocabulary(run: Run, vocab_size: int) -> dict[str, Any]:
         "chat_template": chat_template,
         **special_token_ids(tokenizer, run.tokenizer.end_of_text),
     }
-
-
-# --- Files --------------------------------------------------------------------------------------------------------
-
-
-def check_free(folder: Path, overwrite: bool, option: str) -> None:
-    """Refuse to replace what the user has unless asked to."""
-    holds_something = folder.is_file() or (folder.is_dir() and any(folder.iterdir()))
-    if holds_something and not overwrite:
-        raise TinylmError(f"{folder} already exists and is not empty; choose another {option} or pass --overwrite")
-
-
-def write_folder(folder: Path, write) -> None:
-    """Fill a temporary sibling folder with `write(staging)`, then put it in place of `folder` in one rename."""
-    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        write(staging)
-        if folder.exists():
-            shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -1,17 +1,34 @@
-"""TEMPORARY stand-in for the run-folder contract (the runsfolder branch replaces this file)."""
+"""The run-folder contract: the names of the files tinylm writes, how it writes them, and how it claims an output.
+
+A run folder (`tinylm train`, `tinylm import`) holds `config.yaml`, `model.safetensors` (the best weights),
+`checkpoints/step-NNNNNNN/`, `metrics.jsonl`, `samples.txt`, `loss.png` and its tokenizer; a fine-tune output holds
+`finetune.yaml`, `finetune.json` and the adapter (or a merged run in `model/`); an export is a Hugging Face folder
+(`config.json`) or a `.gguf` file.
+
+Every file is written atomically (a temporary file beside it, fsynced, renamed over it), so a crash or a full disk
+leaves the old file or the new one, never half of one. A whole output (an import, an export) is built in a hidden
+staging path beside its destination and swapped into place only once it is complete. `--overwrite` replaces only an
+output of the same kind, never the input it is made from nor anything inside that, and never a folder tinylm did not
+write: `check_output` is the one place that decides.
+
+This is the bottom layer: it imports nothing of tinylm but its errors.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file
 from torch import nn
 
@@ -27,75 +44,244 @@ FINETUNE_CONFIG_FILE = "finetune.yaml"
 FINETUNE_RESULT_FILE = "finetune.json"
 MERGED_MODEL_FOLDER = "model"
 HF_CONFIG_FILE = "config.json"
+
 OutputKind = Literal["run", "finetune", "hf", "gguf"]
+KIND_NAMES: dict[OutputKind, str] = {
+    "run": "tinylm run",
+    "finetune": "tinylm fine-tune",
+    "hf": "Hugging Face model folder",
+    "gguf": "GGUF file",
+}
+GGUF_MAGIC = b"GGUF"
 
 
-def output_kind(path: Path) -> str | None:
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+# --- What is at a path ----------------------------------------------------------------------------------------------
+
+
+def output_kind(path: Path) -> OutputKind | None:
+    """The kind of output at `path`, or None when nothing is there (a missing path or an empty folder).
+
+    Anything else is refused: a folder or file that none of tinylm's writers could have left raises a one-line
+    TinylmError, so that no caller can mistake it for something it may replace. A kind is recognised by content, not
+    by a file name alone (a project folder with an unrelated config.yaml is not a run): a `config.yaml` mapping with a
+    `model` section, a `finetune.yaml` mapping with a `base`, a `config.json` mapping with a `model_type`, a file that
+    starts with the GGUF magic.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not any(path.iterdir()):
+            return None
+        if _mapping_with(path / FINETUNE_CONFIG_FILE, "base"):  # before `run`: a fine-tune's model/ is a run
+            return "finetune"
+        if _mapping_with(path / CONFIG_FILE, "model"):
+            return "run"
+        if _mapping_with(path / HF_CONFIG_FILE, "model_type"):
+            return "hf"
+    elif path.is_file():
+        with open(path, "rb") as file:
+            if file.read(len(GGUF_MAGIC)) == GGUF_MAGIC:
+                return "gguf"
+    elif not path.exists() and not path.is_symlink():
         return None
-    if (path / CONFIG_FILE).is_file():
-        return "run"
-    if (path / FINETUNE_CONFIG_FILE).is_file():
-        return "finetune"
-    return "other"
+    raise TinylmError(
+        f"{path} is not tinylm output (a run, a fine-tune, a Hugging Face folder or a GGUF file), "
+        "and tinylm never replaces what it did not write"
+    )
 
 
-def check_output(out: Path, kind: str, overwrite: bool, inputs: Iterable[Path] = (), option: str = "--out") -> None:
-    found = output_kind(out)
-    if found is None:
-        return
-    if found != kind:
-        raise TinylmError(f"{out} exists and is not a tinylm {kind} folder; choose another {option}")
-    if not overwrite:
-        raise TinylmError(f"{out} already holds a {kind}; choose another {option} or pass --overwrite to replace it")
-
-
-@contextlib.contextmanager
-def staged_output(out: Path, kind: str, overwrite: bool, inputs=(), option="--out") -> Iterator[Path]:
-    check_output(out, kind, overwrite, inputs, option)
-    staging = out.with_name(f".{out.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+def _mapping_with(path: Path, key: str) -> bool:
+    """Whether `path` is a JSON or YAML file holding a mapping that has `key`."""
     try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    replace_output(staging, out)
-
-
-def replace_output(staging: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.old")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_atomically(path: Path, data: str | bytes) -> None:
-    partial = path.with_name(f".{path.name}.tmp")
-    partial.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(partial, path)
-
-
-def write_yaml(path: Path, data: dict) -> None:
-    write_atomically(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
-
-
-def write_json(path: Path, data: dict) -> None:
-    write_atomically(path, json.dumps(data, indent=2))
-
-
-def read_yaml(path: Path) -> dict:
-    return yaml.safe_load(path.read_text())
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and key in data
 
 
 def is_run(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+    """Whether `path` is a run folder that can be loaded: a config and the weights."""
+    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
+
+
+# --- Claiming an output ---------------------------------------------------------------------------------------------
+
+
+def check_output(
+    out: Path, kind: OutputKind, overwrite: bool, inputs: Iterable[Path] = (), option: str = "--out"
+) -> None:
+    """Refuse, in one line that says what to do, to write a `kind` output at `out` when that would lose data.
+
+    `out` may never be one of `inputs` (what the output is made from), lie inside one or hold one. An existing
+    output of the same kind is replaced only with `overwrite`; anything else that is there is never replaced.
+    """
+    out = Path(out).expanduser()
+    target = out.resolve()
+    for source in inputs:
+        source = Path(source).expanduser()
+        found = source.resolve()
+        if target == found:
+            relation = "is"
+        elif found in target.parents:
+            relation = "lies inside"
+        elif target in found.parents:
+            relation = "holds"
+        else:
+            continue
+        raise TinylmError(f"{out} {relation} the input {source}; choose another {option} outside it")
+    if kind == "gguf" and out.is_dir():
+        raise TinylmError(f"{out} is a folder; give a file path such as {out / 'model.gguf'} for {option}")
+    try:
+        found_kind = output_kind(out)
+    except TinylmError:
+        raise TinylmError(
+            f"{out} is not empty and is not a {KIND_NAMES[kind]}: tinylm will not replace it; choose another {option}"
+        ) from None
+    if found_kind is None:
+        return
+    if found_kind != kind:
+        raise TinylmError(f"{out} holds a {KIND_NAMES[found_kind]}, not a {KIND_NAMES[kind]}; choose another {option}")
+    if not overwrite:
+        raise TinylmError(f"{out} already holds a {KIND_NAMES[kind]}; choose another {option} or pass --overwrite")
+
+
+@contextmanager
+def staged_output(
+    out: Path, kind: OutputKind, overwrite: bool, inputs: Iterable[Path] = (), option: str = "--out"
+) -> Iterator[Path]:
+    """Claim `out` (see check_output) and yield a hidden staging path beside it to write the output into: a folder
+    for the folder kinds, a file path for gguf. When the block ends normally the staging path replaces `out`; on any
+    exception (KeyboardInterrupt too) it is removed and `out` is left exactly as it was.
+
+        with staged_output(Path("out/run-hf"), "hf", overwrite, inputs=[run_dir]) as staging:
+            model.save_pretrained(staging)
+    """
+    out = Path(out).expanduser()
+    check_output(out, kind, overwrite, inputs, option)
+    # The process id in the name keeps two writers apart and tells whose a leftover was.
+    staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove(staging)  # left by a killed process that had the same id
+        if kind != "gguf":
+            staging.mkdir()
+        yield staging
+        replace_output(staging, out)
+    except BaseException as error:
+        _remove(staging)
+        failure = _write_failure(error, out)
+        if failure is not None:
+            raise failure from None
+        raise
+
+
+def replace_output(staging: Path, out: Path) -> None:
+    """Put `staging` in place of `out`. A file replaces a file in one atomic rename; a folder cannot be renamed over
+    a folder, so an existing `out` is first renamed aside and deleted only once `staging` is in its place: at every
+    moment the whole old output or the whole new one exists, at `out` or (for the instant between the two renames)
+    beside it, never a mixture."""
+    if not staging.is_dir() or not (out.exists() or out.is_symlink()):
+        os.replace(staging, out)
+        return
+    aside = out.with_name(f".{out.name}.{os.getpid()}.old")
+    _remove(aside)
+    os.replace(out, aside)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(aside, out)
+        raise
+    _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a link (not what it points to) or a folder tree; nothing when there is none."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+# --- Writing and reading files --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; then flush it to the disk and rename it over `path`. On any
+    error the temporary file is removed and `path` keeps its old bytes; a failed write becomes a one-line error."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield partial
+        descriptor = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)  # else a power cut after the rename can leave an empty file under the new name
+        finally:
+            os.close(descriptor)
+        os.replace(partial, path)
+    except BaseException as error:
+        partial.unlink(missing_ok=True)
+        failure = _write_failure(error, path)
+        if failure is not None:
+            raise failure from None
+        raise
+
+
+def _write_failure(error: BaseException, path: Path) -> TinylmError | None:
+    """The one-line error for a write to `path` that failed with `error`, an OSError or safetensors' text form of
+    one (its Rust I/O errors arrive as SafetensorError, errno in the message); None for any other error."""
+    if isinstance(error, SafetensorError):
+        code = re.search(r"os error (\d+)", str(error))
+        if code is None:
+            return None
+        error = OSError(int(code[1]), os.strerror(int(code[1])))
+    if not isinstance(error, OSError):
+        return None
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return TinylmError(f"no space left on the device holding {path}; free space and run again")
+    reason = error.strerror or str(error)
+    where = error.filename or path
+    return TinylmError(f"{where}: {reason}; check the path and its permissions, then run again")
+
+
+def write_atomically(path: Path, data: str | bytes) -> None:
+    """Replace the file at `path` with `data` (text is written as UTF-8), whole or not at all."""
+    with _replacing(path) as partial:
+        partial.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> None:
+    write_atomically(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    write_atomically(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML file tinylm wrote; a one-line TinylmError naming the file when it is missing or
+    damaged. Only plain YAML is read: a `!!python` tag is refused, never run."""
+    return _read(Path(path), yaml.safe_load, (yaml.YAMLError,))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return _read(Path(path), json.loads, (ValueError,))
+
+
+def _read(path: Path, parse, errors: tuple[type[Exception], ...]) -> dict[str, Any]:
+    try:
+        data = parse(path.read_text())
+    except FileNotFoundError:
+        raise TinylmError(f"{path} is missing; give a folder tinylm wrote, or write it again") from None
+    except (OSError, UnicodeDecodeError, *errors) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TinylmError(f"cannot read {path} ({reason}); restore the file or write the folder again") from None
+    if not isinstance(data, dict):
+        raise TinylmError(f"{path} does not hold a mapping of settings; restore the file or write the folder again")
+    return data
+
+
+# --- Weights --------------------------------------------------------------------------------------------------------
 
 
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, Any] | None = None) -> None:
@@ -105,13 +291,14 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, Any] | None =
 def write_weights(
     weights: dict[str, torch.Tensor], path: Path, skip: set[str], metadata: dict[str, Any] | None = None
 ) -> None:
-    partial = path.with_name(path.name + ".tmp")
+    """Write `weights` but the names in `skip` (second names of tied matrices: load_weights re-ties them)."""
     tensors = {name: tensor.contiguous() for name, tensor in weights.items() if name not in skip}
-    save_file(tensors, str(partial), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
-    os.replace(partial, path)
+    with _replacing(path) as partial:
+        save_file(tensors, str(partial), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
 
 
 def tied_names(model: nn.Module) -> set[str]:
+    """Names under which a parameter appears a second time, such as an output layer tied to the embedding."""
     first_names = {name for name, _ in model.named_parameters()}
     return {name for name, _ in model.named_parameters(remove_duplicate=False)} - first_names
 

@@ -1,10 +1,9 @@
-"""Run-folder files, written so that a crash at any moment leaves either the old file or the new one, never half.
+"""Checkpoints: `checkpoints/step-NNNNNNN/` in a run folder holds the training state at that step.
 
-- `model.safetensors`: the best weights so far (by validation loss), with the step and loss in its metadata.
-- `checkpoints/step-NNNNNNN/`: the training state at that step: `model.safetensors` (weights), `trainer.pt`
-  (optimizer, schedule, loss scaler, every process's RNG, the data position; loadable with weights_only=True) and
-  `state.json` (counters, for people and for resuming). A checkpoint folder is filled under a temporary name and
-  renamed when complete, so every `step-*` folder is whole; the newest `keep` are kept.
+Each holds `model.safetensors` (weights), `trainer.pt` (optimizer, schedule, loss scaler, every process's RNG, the data
+position; loadable with weights_only=True) and `state.json` (counters, for people and for resuming). A checkpoint
+folder is filled under a temporary name and renamed when complete, so every `step-*` folder is whole; the newest `keep`
+are kept. The run folder's other files, and how each is written, are tinylm.runs's.
 
 Weights and optimizer state are stored whole (unsharded, keyed by parameter name) whatever the parallelism: a run
 trained with FSDP on 8 GPUs resumes on 1 GPU or on CPU, and its checkpoints load like any other run's.
@@ -12,42 +11,18 @@ trained with FSDP on 8 GPUs resumes on 1 GPU or on CPU, and its checkpoints load
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file
-from torch import nn
+from safetensors.torch import load_file
 
-BEST_WEIGHTS = "model.safetensors"
-CHECKPOINTS = "checkpoints"
+from tinylm.runs import CHECKPOINTS, WEIGHTS_FILE, read_json, write_json, write_weights
 
-
-def save_weights(model: nn.Module, path: Path, metadata: dict[str, Any] | None = None) -> None:
-    write_weights(model.state_dict(), path, tied_names(model), metadata)
-
-
-def write_weights(
-    weights: dict[str, torch.Tensor], path: Path, skip: set[str], metadata: dict[str, Any] | None = None
-) -> None:
-    """Write `weights` but the names in `skip` (second names of tied matrices: load_weights re-ties them)."""
-    partial = path.with_name(path.name + ".tmp")
-    tensors = {name: tensor.contiguous() for name, tensor in weights.items() if name not in skip}
-    save_file(tensors, str(partial), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
-    os.replace(partial, path)
-
-
-def tied_names(model: nn.Module) -> set[str]:
-    """Names under which a parameter appears a second time, such as an output layer tied to the embedding."""
-    first_names = {name for name, _ in model.named_parameters()}
-    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - first_names
-
-
-def load_weights(model: nn.Module, path: Path) -> None:
-    load_model(model, str(path), device=str(next(model.parameters()).device))
+STATE_FILE = "state.json"
+TRAINER_STATE_FILE = "trainer.pt"
 
 
 def save_checkpoint(
@@ -67,9 +42,9 @@ def save_checkpoint(
     partial = root / f".step-{step:07d}.tmp"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    write_weights(weights, partial / "model.safetensors", skip)
-    torch.save(trainer_state, partial / "trainer.pt")
-    (partial / "state.json").write_text(json.dumps({"step": step, **info}, indent=2))
+    write_weights(weights, partial / WEIGHTS_FILE, skip)
+    torch.save(trainer_state, partial / TRAINER_STATE_FILE)
+    write_json(partial / STATE_FILE, {"step": step, **info})
     os.replace(partial, final)
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old)
@@ -78,9 +53,9 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Weights, trainer state and state.json of a checkpoint folder."""
-    weights = load_file(str(path / "model.safetensors"))
-    trainer_state = torch.load(path / "trainer.pt", weights_only=True)
-    return weights, trainer_state, json.loads((path / "state.json").read_text())
+    weights = load_file(str(path / WEIGHTS_FILE))
+    trainer_state = torch.load(path / TRAINER_STATE_FILE, weights_only=True)
+    return weights, trainer_state, read_json(path / STATE_FILE)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

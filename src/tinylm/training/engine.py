@@ -46,12 +46,13 @@ from tqdm.auto import tqdm  # widgets in notebooks, text bars elsewhere
 from tinylm.config import TrainConfig, parse_duration
 from tinylm.errors import TinylmError
 from tinylm.runs import (
+    KIND_NAMES,
     SAMPLES_FILE,
     WEIGHTS_FILE,
     OutputKind,
     check_output,
     output_kind,
-    replace_output,
+    staged_output,
     tied_names,
     write_weights,
 )
@@ -293,21 +294,18 @@ class Engine:
         )
 
     def _check_output(self, overwrite: bool) -> None:
+        check_output(self.out, self.task.kind, overwrite=True)  # never anything but an output of the task's kind
         if not overwrite and output_kind(self.out) == self.task.kind:
             raise TinylmError(
-                f"{self.out} already holds a {self.task.kind}; choose another --out or pass --overwrite to replace it "
-                "(or --resume to continue it)"
+                f"{self.out} already holds a {KIND_NAMES[self.task.kind]}; choose another --out or pass --overwrite "
+                "to replace it (or --resume to continue it)"
             )
-        check_output(self.out, self.task.kind, overwrite)
 
     def _claim(self, overwrite: bool) -> None:
-        """Everything checked: the output's first files go to a staging folder, which then takes the output's place
-        (an old output of the same kind goes only now)."""
-        check_output(self.out, self.task.kind, overwrite)
-        staging = self.out.with_name(f".{self.out.name}.staging")
-        staging.mkdir(parents=True, exist_ok=True)
-        self.task.write_files(staging)
-        replace_output(staging, self.out)
+        """Everything checked: the output's first files are staged, then take the output's place (an old output of
+        the same kind goes only now)."""
+        with staged_output(self.out, self.task.kind, overwrite) as staging:
+            self.task.write_files(staging)
 
     def say(self, message: str) -> None:
         if self.processes.is_main:

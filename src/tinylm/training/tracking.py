@@ -8,15 +8,13 @@ checkpoint's step are dropped, so the file reads as if the run had never stopped
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 from tinylm.errors import TinylmError
-
-METRICS_FILE = "metrics.jsonl"
-LOSS_PLOT = "loss.png"
+from tinylm.runs import LOSS_PLOT, METRICS_FILE, write_atomically
 
 
 class Tracker:
@@ -51,7 +49,7 @@ class Tracker:
                 raise TinylmError("--train.log wandb needs wandb: pip install wandb (or 'tinylm[track]')") from None
             id_file = run_dir / "wandb_id.txt"  # a resumed run continues the same W&B run
             if not id_file.is_file():
-                id_file.write_text(wandb.util.generate_id())
+                write_atomically(id_file, wandb.util.generate_id())
             self.wandb = wandb.init(
                 project="tinylm",
                 name=run_dir.name,
@@ -66,7 +64,7 @@ class Tracker:
         if not self.enabled:
             return
         self.records = [r for r in self.records if r["step"] <= step]
-        _write_atomically(self.metrics_file, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+        write_atomically(self.metrics_file, "".join(json.dumps(r) + "\n" for r in self.records))
         if self.metrics is not None:
             self.metrics.close()
         self.metrics = open(self.metrics_file, "a")  # noqa: SIM115 -- open for the whole run, closed by close()
@@ -110,9 +108,9 @@ class Tracker:
         axes.set(xlabel="step", ylabel="loss (nats/token)", title=self.run_dir.name)
         axes.grid(alpha=0.3)
         axes.legend()
-        partial = self.run_dir / f".{LOSS_PLOT}.tmp"
-        figure.savefig(partial, format="png", dpi=100)
-        os.replace(partial, self.run_dir / LOSS_PLOT)
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=100)
+        write_atomically(self.run_dir / LOSS_PLOT, png.getvalue())
 
     def close(self) -> None:
         if not self.enabled:
@@ -122,9 +120,3 @@ class Tracker:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".{path.name}.tmp")
-    partial.write_bytes(data)
-    os.replace(partial, path)
