@@ -315,7 +315,7 @@ class Engine:
         t = self.task.train
         if self.task.evaluates_at_start and self.start_scores is None:
             self.start_scores = self.task.evaluate(self)
-            self.tracker.log({"step": 0, **self.start_scores, "elapsed_s": 0.0})
+            self.say(f"before training: {_scores_text(self.start_scores)}")
         self.model.train()
         self.start = time.perf_counter()
         self.last_log = (self.step, self.start, 0)
