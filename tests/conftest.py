@@ -90,8 +90,8 @@ def untrained_run(folder: Path, tokenizer=None, text: str = SMALL_TEXT, **model)
     serving and evaluating need, without training."""
     import torch
 
-    from tinylm.config import load_config
     from tinylm.model import build_model
+    from tinylm.recipes import load_config
     from tinylm.tokenizers import CharTokenizer
     from tinylm.training.checkpoint import BEST_WEIGHTS, save_weights
     from tinylm.training.trainer import CONFIG_FILE

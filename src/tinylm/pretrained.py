@@ -181,7 +181,7 @@ class ContextConfig:
 
 
 class HuggingFaceKVCache:
-    """A transformers DynamicCache behind tinylm's KV cache interface (length, capacity, reset, crop)."""
+    """A transformers DynamicCache behind tinylm's KV cache interface (length, capacity, reset)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -196,9 +196,6 @@ class HuggingFaceKVCache:
     def length(self) -> int:
         return self.cache.get_seq_length()
 
-    def crop(self, length: int) -> None:
-        self.cache.crop(length)
-
 
 class HuggingFaceLM(nn.Module):
     """A Hugging Face causal LM (or a peft model around one) behind tinylm's model interface."""
@@ -212,7 +209,7 @@ class HuggingFaceLM(nn.Module):
         self, tokens: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: HuggingFaceKVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if kv_cache is not None and kv_cache.length + tokens.shape[1] > kv_cache.capacity:
-            raise ValueError(f"the KV cache holds {kv_cache.capacity} positions; reset or crop it first")
+            raise ValueError(f"the KV cache holds {kv_cache.capacity} positions; reset it first")
         cache = kv_cache.cache if kv_cache is not None else None
         logits = self.hf(input_ids=tokens, past_key_values=cache, use_cache=kv_cache is not None).logits
         if targets is None:
@@ -230,7 +227,7 @@ class Pretrained:
     """The network as loaded: a transformers PreTrainedModel or a tinylm GPT (what peft wraps)."""
     tokenizer: ChatTokenizer
     run_config: dict | None = None
-    """A tinylm base's config.yaml, for saving a fine-tuned copy as a run folder."""
+    """A tinylm base's config (what its config.yaml holds), for saving a fine-tuned copy as a run folder."""
     has_chat_template: bool = True
     """Whether the model came with a chat template (else `tokenizer` renders with DEFAULT_CHAT_TEMPLATE, which is
     what a fine-tune teaches it, but the model itself only continues text)."""
@@ -281,14 +278,11 @@ def load_pretrained(spec: str, device: torch.device, bits: int | None = None) ->
 
 
 def _load_tinylm_run(path: Path, device: torch.device) -> Pretrained:
-    import yaml
-
     from tinylm.run import load_run_folder
 
     run = load_run_folder(path, device=str(device))
-    run_config = yaml.safe_load((path / CONFIG_FILE).read_text())
     chat = run.chat or TinylmChatTokenizer(run.tokenizer)
-    return Pretrained("tinylm", run.model, chat, run_config, has_chat_template=run.chat is not None)
+    return Pretrained("tinylm", run.model, chat, run.config.to_dict(), has_chat_template=run.chat is not None)
 
 
 def packaged_gguf(name: str) -> Path:

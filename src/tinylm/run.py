@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from torch import nn
 
-from tinylm.config import Config, DataConfig, SampleConfig, check_sample_config, resolve_config
+from tinylm.config import Config, DataConfig, SampleConfig, check_sample_config, config_from_dict
 from tinylm.data.documents import open_source
 from tinylm.data.instructions import Messages
 from tinylm.device import resolve_device
@@ -162,7 +162,7 @@ def load_run_folder(path: str | Path, device: str = "auto") -> Run:
             f"{path} is not a tinylm run folder (it needs {CONFIG_FILE} and {BEST_WEIGHTS}); "
             "give the --out folder of a finished `tinylm train`"
         )
-    config = resolve_config(yaml.safe_load((path / CONFIG_FILE).read_text()))
+    config = config_from_dict(yaml.safe_load((path / CONFIG_FILE).read_text()))
     if config.model.arch == "seq2seq":
         raise TinylmError(
             f"{path} holds a seq2seq model, which answers sequences rather than continuing text; "
@@ -178,7 +178,7 @@ def load_run_folder(path: str | Path, device: str = "auto") -> Run:
 def pretrained_run(path: Path, pretrained: Pretrained) -> Run:
     """A Run of a model `load_pretrained` gave (its network possibly wrapped with a fine-tune's adapter)."""
     model = pretrained.model.eval()
-    config = resolve_config(pretrained.run_config) if pretrained.run_config else None
+    config = config_from_dict(pretrained.run_config) if pretrained.run_config else None
     return Run(
         path,
         HuggingFaceLM(model) if pretrained.kind == "hf" else model,
