@@ -46,7 +46,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/serve_load.py --requests 200 --concurrency 8 --max-tokens 32
 
 docs: setup
-	$(BIN)/python -c 'from tinylm.config import config_reference; print(config_reference(), end="")' > docs/config.md
+	$(BIN)/python -c 'from tinylm.recipes import config_reference; print(config_reference(), end="")' > docs/config.md
 
 gpu-check: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m gpu -rs

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from tinylm.config import load_config
 from tinylm.model import build_model
+from tinylm.recipes import load_config
 from tinylm.training.optim import Muon
 
 

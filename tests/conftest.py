@@ -92,8 +92,8 @@ def untrained_run(folder: Path, tokenizer=None, text: str = SMALL_TEXT, **model)
     serving and evaluating need, without training."""
     import torch
 
-    from tinylm.config import load_config
     from tinylm.model import build_model
+    from tinylm.recipes import load_config
     from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, save_weights, write_yaml
     from tinylm.tokenizers import CharTokenizer
 

@@ -6,9 +6,11 @@ import pytest
 import torch
 from conftest import run_cli
 
-from tinylm.config import MODEL_PRESETS, ModelConfig, TrainConfig, resolve_config
+from tinylm.config import ModelConfig, TrainConfig
 from tinylm.model import build_model, count_parameters
 from tinylm.model.budget import model_budget, parameter_counts, training_memory
+from tinylm.model.presets import MODEL_PRESETS
+from tinylm.recipes import resolve_config
 from tinylm.training.optim import build_optimizers
 
 SMALL = dict(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32)

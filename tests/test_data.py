@@ -308,20 +308,6 @@ def test_batches_are_next_token_pairs_that_never_cross_a_shard_end(tmp_path):
     assert {int(t) // 1000 for t in x[:, 0]} == {0, 1}
 
 
-def test_sequential_windows_predict_every_token_once_shared_across_ranks_and_resumable(tmp_path):
-    np.arange(0, 21, dtype=np.uint16).tofile(tmp_path / "val_0000.bin")
-    np.arange(100, 110, dtype=np.uint16).tofile(tmp_path / "val_0001.bin")
-    shards = TokenShards([tmp_path / "val_0000.bin", tmp_path / "val_0001.bin"], np.dtype(np.uint16))
-    every_target = [*range(1, 21), *range(101, 110)]
-    assert torch.cat([y for _, y in shards.sequential_windows(8)]).tolist() == every_target
-    assert shards.window_count(8) == 5
-    by_rank = [[y.tolist() for _, y in shards.sequential_windows(8, rank=r, world_size=2)] for r in range(2)]
-    assert sorted(t for window in by_rank[0] + by_rank[1] for t in window) == every_target
-    assert len(by_rank[0]) == 3
-    resumed = [y.tolist() for _, y in shards.sequential_windows(8, start=3)]
-    assert resumed == [[*range(101, 109)], [109]]
-
-
 def test_train_prepares_tinystories_with_a_trained_bpe_on_first_use(needs_mirror, tmp_path):
     overrides = {
         "data.source": "tinystories",

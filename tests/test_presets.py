@@ -3,8 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinylm.config import MODEL_PRESETS, PRESET_PARAMETERS, ModelConfig, resolve_config
+from tinylm.config import ModelConfig
 from tinylm.model import build_model, count_parameters
+from tinylm.model.presets import MODEL_PRESETS, PRESET_PARAMETERS
+from tinylm.recipes import resolve_config
 
 SHAKESPEARE_CHARACTERS = 65  # the vocabulary PRESET_PARAMETERS assumes where a preset leaves it to the tokenizer
 

@@ -4,7 +4,6 @@ import hashlib
 import json
 import re
 
-import numpy as np
 import pytest
 from conftest import SHARED_MIRROR
 
@@ -12,7 +11,6 @@ from tinylm.data import sources
 from tinylm.errors import TinylmError
 from tinylm.tokenizers import (
     CharTokenizer,
-    HuggingFaceTokenizer,
     load_tokenizer,
     pretrained_tokenizer,
     train_tokenizer,
@@ -86,9 +84,6 @@ def test_gpt2_is_the_real_gpt2_vocabulary():
     tokenizer = pretrained_tokenizer("gpt2")
     assert tokenizer.vocab_size == 50257 and tokenizer.end_of_text == 50256
     assert tokenizer.encode("Hello world") == [15496, 995]  # GPT-2's published ids
-    lengths = tokenizer.token_byte_lengths()
-    text = "naïve 🙂 café"
-    assert lengths[tokenizer.encode(text)].sum() == len(text.encode()) and lengths[50256] == 0
 
 
 def test_the_gpt2_files_the_tests_use_are_the_registry_files():
@@ -102,14 +97,6 @@ def test_char_tokenizer_names_characters_outside_its_vocabulary():
     with pytest.raises(TinylmError, match=r"outside this char tokenizer's vocabulary: 'é' \(U\+00E9\), 'z'"):
         tokenizer.encode("abéz")
     assert tokenizer.decode([tokenizer.end_of_text]) == "<|endoftext|>"
-
-
-def test_byte_lengths_add_up_to_the_utf8_size(bpe_tokenizer):
-    text = "a naïve 🙂 café"
-    for tokenizer in (bpe_tokenizer, train_tokenizer("char", [text])):
-        lengths = tokenizer.token_byte_lengths()
-        assert lengths[tokenizer.encode(text)].sum() == len(text.encode())
-        assert lengths[tokenizer.end_of_text] == 0
 
 
 @pytest.mark.parametrize(
@@ -142,9 +129,3 @@ def test_a_file_that_is_not_a_tokenizer_is_named(tmp_path):
     (tmp_path / "notes.json").write_text('{"hello": 1}')
     with pytest.raises(TinylmError, match=r"notes\.json is not a Hugging Face tokenizer\.json"):
         pretrained_tokenizer(str(tmp_path / "notes.json"))
-
-
-def test_hugging_face_tokenizers_count_bytes_for_bits_per_byte(bpe_tokenizer):
-    assert isinstance(bpe_tokenizer, HuggingFaceTokenizer)
-    lengths = bpe_tokenizer.token_byte_lengths()
-    assert lengths.dtype == np.int64 and lengths.shape == (512,) and lengths.min() == 0

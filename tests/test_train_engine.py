@@ -12,8 +12,8 @@ from conftest import tiny_overrides
 from safetensors.torch import load_file
 
 import tinylm
-from tinylm.config import resume_config
 from tinylm.errors import TinylmError
+from tinylm.recipes import resume_config
 from tinylm.training import checkpoint as checkpoint_module
 from tinylm.training.checkpoint import latest_checkpoint, load_checkpoint
 from tinylm.training.optim import learning_rate_factor

@@ -10,13 +10,10 @@ from typing import Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from tinylm.config import (
-    Config,
-    DataConfig,
-    FinetuneConfig,
-    TrainConfig,
+from tinylm.config import Config, DataConfig, FinetuneConfig, TrainConfig, check_config
+from tinylm.errors import TinylmError
+from tinylm.recipes import (
     _underscored,
-    check_config,
     config_keys,
     config_of_model,
     config_parser,
@@ -24,7 +21,6 @@ from tinylm.config import (
     parse_user_values,
     resolve_config,
 )
-from tinylm.errors import TinylmError
 
 MODEL_HELP = (
     "A run folder (`tinylm train`, `tinylm import`), a `tinylm finetune` output, a Hugging Face model folder or hub "
@@ -242,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_train(args: list[str]) -> int:
-    from tinylm.config import resume_config
+    from tinylm.recipes import resume_config
     from tinylm.training import train
 
     values = parse_user_values(train_parser(), args)

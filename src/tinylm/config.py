@@ -1,29 +1,24 @@
-"""Everything a run is made of, as dataclasses: data, model, training and sampling.
+"""Everything a run is made of, as dataclasses: data, model, training and sampling, and the checks on their values.
 
-A recipe is a YAML file with one section per dataclass (see `configs/`). The command line overrides any key with a
-dotted option (`--train.max_steps 500`, or `--train.max-steps 500`). The parsing, type checking and `--help` text come
-from jsonargparse, which reads these dataclasses and their attribute docstrings; the fully resolved config is saved as
-`config.yaml` in every run folder.
-
-Model presets are data: a named set of `ModelConfig` fields (`MODEL_PRESETS`). A recipe picks one with `model.preset`,
-and any model key it sets besides wins over the preset.
+A recipe is a YAML file with one section per dataclass (see `configs/`); `tinylm.recipes` parses it, with the command
+line's dotted overrides, into a `Config`. The fully resolved config is saved as `config.yaml` in every run folder, and
+`config_from_dict` reads it back without the recipe parser: loading a model never needs the command line's machinery.
 """
 
 from __future__ import annotations
 
-import difflib
+import contextlib
 import math
 import re
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+import types
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from tinylm.errors import TinylmError
-
-set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 @dataclass
@@ -262,12 +257,6 @@ class Config:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
 
 
-_GPT2_BPE = {"vocab_size": 50257}  # GPT-2's byte-level BPE (tokenizer gpt2), also GPT-Neo's
-_TINYSTORIES = {**_GPT2_BPE, "block_size": 2048, "n_head": 16}  # the paper's GPT-Neo models, learned positions
-_LLAMA = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "tie_embeddings": True}
-_LLAMA2_C = {**_LLAMA, "vocab_size": 32000}  # Karpathy's llama2.c TinyStories models (Llama 2's tokenizer)
-
-
 def finetune_train_defaults() -> TrainConfig:
     """Fine-tuning moves a trained model a little: a lower learning rate, short warm-up, few steps, no decay."""
     return TrainConfig(
@@ -313,179 +302,61 @@ class FinetuneConfig:
     warm-up, evaluation and logging intervals, seed, device, threads."""
 
 
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # The teaching baseline: each token looks up the logits of the next one; no context at all.
-    "bigram": {"arch": "bigram", "n_layer": 0, "n_head": 1, "n_embd": 0, "tie_embeddings": False},
-    # nanoGPT's config/train_shakespeare_char.py.
-    "nanogpt-shakespeare-char": {
-        "arch": "gpt",
-        "block_size": 256,
-        "n_layer": 6,
-        "n_head": 6,
-        "n_embd": 384,
-        "dropout": 0.2,
-        "bias": False,
-    },
-    # The TinyStories paper's models (Eldan and Li 2023; roneneldan/TinyStories-*), as GPT-2-style blocks: GPT-Neo's
-    # alternating local attention and bias-free q/k/v are not modelled. The names follow the paper and are about the
-    # size without the 50257 x n_embd embedding; with it counted (once, tied) the totals are larger.
-    "tinystories-1m": {**_TINYSTORIES, "n_layer": 8, "n_embd": 64},
-    "tinystories-3m": {**_TINYSTORIES, "n_layer": 8, "n_embd": 128},
-    "tinystories-8m": {**_TINYSTORIES, "n_layer": 8, "n_embd": 256},
-    "tinystories-28m": {**_TINYSTORIES, "n_layer": 8, "n_embd": 512},
-    "tinystories-33m": {**_TINYSTORIES, "n_layer": 4, "n_embd": 768},
-    # A small GPT-2-style model for GPT-2 BPE text that trains on a laptop: most of its weights are the embedding.
-    "slm-15m": {**_GPT2_BPE, "block_size": 256, "n_layer": 6, "n_head": 7, "n_embd": 224},
-    # GPT-2 style with grouped-query attention (8 query heads share 4 k/v heads) and GPT-Neo's vocabulary and context.
-    "tinygpt-61m": {**_GPT2_BPE, "block_size": 2048, "n_layer": 12, "n_head": 8, "n_kv_head": 4, "n_embd": 512},
-    # GPT-2 small (Radford et al. 2019).
-    "gpt2-124m": {**_GPT2_BPE, "block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768, "bias": True},
-    # llama2.c's stories15M / 42M / 110M: multi-head (n_kv_head = n_head) as they were trained, so their weights fit.
-    "llama-15m": {**_LLAMA2_C, "block_size": 256, "n_layer": 6, "n_head": 6, "n_embd": 288, "mlp_hidden_size": 768},
-    "llama-42m": {**_LLAMA2_C, "block_size": 1024, "n_layer": 8, "n_head": 8, "n_embd": 512, "mlp_hidden_size": 1376},
-    "llama-110m": {
-        **_LLAMA2_C,
-        "block_size": 1024,
-        "n_layer": 12,
-        "n_head": 12,
-        "n_embd": 768,
-        "mlp_hidden_size": 2048,
-    },
-    # HuggingFaceTB/SmolLM2-135M: Llama with grouped-query attention (9 query heads, 3 k/v heads).
-    "smollm2-135m": {
-        **_LLAMA,
-        "vocab_size": 49152,
-        "block_size": 2048,
-        "n_layer": 30,
-        "n_head": 9,
-        "n_kv_head": 3,
-        "n_embd": 576,
-        "mlp_hidden_size": 1536,
-        "rope_theta": 100000.0,
-        "norm_eps": 1e-5,
-    },
-}
+def config_from_dict(values: Mapping[str, Any]) -> Config:
+    """The Config that a saved, fully resolved dict describes (a run folder's config.yaml), checked as a recipe is.
 
-# Each preset's parameters, tied matrices counted once (tests/test_presets.py builds every preset and checks).
-# Presets that take their vocabulary from the tokenizer are counted with Tiny Shakespeare's 65 characters.
-PRESET_PARAMETERS: dict[str, int] = {
-    "bigram": 4_225,
-    "nanogpt-shakespeare-char": 10_745_088,
-    "tinystories-1m": 3_747_520,
-    "tinystories-3m": 8_281_472,
-    "tinystories-8m": 19_708_672,
-    "tinystories-28m": 52_000_256,
-    "tinystories-33m": 68_523_264,
-    "slm-15m": 14_945_504,
-    "tinygpt-61m": 61_457_920,
-    "gpt2-124m": 124_439_808,
-    "llama-15m": 15_191_712,
-    "llama-42m": 41_689_600,
-    "llama-110m": 109_529_856,
-    "smollm2-135m": 134_515_008,
-}
-
-
-def config_parser() -> ArgumentParser:
-    """An argument parser with one `--section.key` option per config field, and `--config FILE` for a recipe."""
-    parser = ArgumentParser(exit_on_error=False, description="Train a model from a recipe and dotted overrides.")
-    parser.add_argument("--config", action=ActionConfigFile, help="A YAML recipe; options after it override its keys.")
-    parser.add_class_arguments(Config, None, as_group=False)
-    return parser
-
-
-def load_config(recipe: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Build a Config from a YAML recipe and overrides (`["--train.max_steps", "10"]` or `{"train.max_steps": 10}`)."""
-    args = ["--config", str(recipe)] if recipe is not None else []
-    if isinstance(overrides, list):
-        args += overrides
-    parser = config_parser()
-    values = parse_user_values(parser, args)
-    for dotted, value in overrides.items() if isinstance(overrides, dict) else []:
-        *sections, key = dotted.split(".")
-        target = values
-        for section in sections:
-            target = target.setdefault(section, {})
-        target[key] = value
-    return resolve_config(values, parser)
-
-
-def config_of_model(target: str) -> Config:
-    """The config behind a model preset name, a recipe file, or a run folder (the config.yaml `tinylm train` wrote)."""
-    path = Path(target)
-    if path.is_dir():
-        if not (path / "config.yaml").is_file():
-            raise TinylmError(f"{target} holds no config.yaml; give a model preset, a recipe or a run folder")
-        return resolve_config(yaml.safe_load((path / "config.yaml").read_text()))
-    if path.is_file():
-        return load_config(path)
-    if target not in MODEL_PRESETS:
-        raise TinylmError(
-            f"'{target}' is not a model preset, recipe or run folder{_did_you_mean(target, MODEL_PRESETS)}"
-        )
-    return resolve_config({"model": {"preset": target}})
-
-
-def parse_user_values(parser: ArgumentParser, args: list[str]) -> dict[str, Any]:
-    """The keys the user set (in the recipe or on the command line), type-checked, without defaults filled in."""
-    if args and not args[0].startswith("-"):
-        args = ["--config", *args]  # `tinylm train RECIPE ...`: the recipe is the first positional argument
-    if len(args) >= 2 and args[0] == "--config" and not Path(args[1]).is_file():
-        raise TinylmError(f"recipe not found: {args[1]} (see configs/ for the recipes that ship with tinylm)")
-    args = [_underscored(arg) for arg in args]
-    try:
-        values = parser.parse_args(args, defaults=False).as_dict()
-    except Exception as error:  # jsonargparse reports every parse problem as ArgumentError or ValueError
-        raise TinylmError(explain_parse_error(str(error))) from None
-    values.pop("config", None)
-    return values
-
-
-def resolve_config(user_values: dict[str, Any], parser: ArgumentParser | None = None) -> Config:
-    """Layer defaults, the model preset and the user's values, and check the result."""
-    for section, value in user_values.items():
-        if section in SECTION_NAMES and not isinstance(value, dict):
-            raise TinylmError(f"config section '{section}' must be a mapping of keys to values, not {value!r}")
-    model = user_values.get("model", {})
-    preset = model.get("preset")
-    if preset is not None:
-        if preset not in MODEL_PRESETS:
-            raise TinylmError(f"unknown model preset '{preset}'{_did_you_mean(preset, MODEL_PRESETS)}")
-        user_values = {**user_values, "model": {**MODEL_PRESETS[preset], **model}}
-    parser = parser or config_parser()
-    try:
-        config = parser.instantiate(parser.parse_object(user_values))
-    except Exception as error:
-        raise TinylmError(explain_parse_error(str(error))) from None
-    config = Config(**{key: value for key, value in vars(config).items() if key in _field_names(Config)})
-    config = _batch_from_tokens(config, "batch_size" in user_values.get("train", {}))
+    Every key must be a field of its section and every value of its field's type, or the error names the key; a key
+    left out takes its default, so a run saved before a field existed still loads. No preset is applied: the saved
+    model fields are the preset's values already."""
+    config = _dataclass_from_dict(Config, values, "")
+    config = apply_batch_tokens(config, "batch_size" in values.get("train", {}))
     check_config(config)
     return config
 
 
-def resume_config(run_dir: str | Path, user_values: dict[str, Any]) -> Config:
-    """The config of the run in `run_dir`, with the training keys the user changes for the rest of the run."""
-    from tinylm.runs import CONFIG_FILE, read_yaml
-
-    saved_file = Path(run_dir) / CONFIG_FILE
-    if not saved_file.is_file():
-        raise TinylmError(f"{run_dir} is not a tinylm run folder (no {CONFIG_FILE}); give the --out folder of a run")
-    saved = read_yaml(saved_file)
-    for section in ("data", "model"):
-        for key, value in user_values.get(section, {}).items():
-            if saved[section].get(key) != value:
-                raise TinylmError(
-                    f"--resume continues the same model on the same data, so {section}.{key} cannot change; "
-                    "start a new run with another --out"
-                )
-    merged = {**saved, "out": str(run_dir)}
-    for section, values in user_values.items():
-        if isinstance(values, dict):
-            merged[section] = {**saved.get(section, {}), **values}
-    return resolve_config(merged)
+def _dataclass_from_dict(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, Mapping):
+        where = f"config section '{prefix[:-1]}'" if prefix else "a config"
+        raise TinylmError(f"{where} must be a mapping of keys to values, not {values!r}")
+    types_of = get_type_hints(cls)
+    unknown = sorted(set(values) - set(types_of))
+    if unknown:
+        raise TinylmError(f"unknown config key '{prefix}{unknown[0]}' (not a field of {cls.__name__})")
+    given = {}
+    for name, value in values.items():
+        if is_dataclass(types_of[name]):
+            given[name] = _dataclass_from_dict(types_of[name], value, f"{prefix}{name}.")
+        else:
+            given[name] = _typed(value, types_of[name], prefix + name)
+    return cls(**given)
 
 
-def _batch_from_tokens(config: Config, batch_size_given: bool) -> Config:
+def _typed(value: Any, kind: Any, key: str) -> Any:
+    """`value` if a field of type `kind` may hold it (an int where a float is wanted becomes a float: YAML reads
+    `learning_rate: 1` as an int), else a one-line error naming the key."""
+    origin, args = get_origin(kind), get_args(kind)
+    if origin in (Union, types.UnionType):
+        for option in args:
+            with contextlib.suppress(TinylmError):
+                return _typed(value, option, key)
+    elif origin is Literal:
+        if value in args:
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            with contextlib.suppress(TinylmError):  # the error names the whole list's type, not an item's
+                return [_typed(item, args[0], key) for item in value]
+    elif kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):  # bool is an int in Python
+        return value
+    expected = f"one of {', '.join(map(repr, args))}" if origin is Literal else str(kind) if origin else kind.__name__
+    expected = expected.replace(" | None", " or null")
+    raise TinylmError(f"config key '{key}' expects {expected}, got {value!r}")
+
+
+def apply_batch_tokens(config: Config, batch_size_given: bool) -> Config:
     """One rule: batch_size sequences of block_size tokens make a step; batch_tokens, when set, decides batch_size."""
     train, block_size = config.train, config.model.block_size
     if train.batch_tokens is None:
@@ -610,91 +481,3 @@ def parse_duration(text: str) -> float:
     if not parts:
         raise TinylmError(f"train.max_time '{text}' is not a duration; write e.g. 3600, 90m, 12h or 1h30m")
     return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([smhd]?)", text))
-
-
-def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    """Every dotted key a recipe may set."""
-    keys = []
-    for f in fields(cls):
-        if f.name in SECTION_NAMES:
-            keys += config_keys(SECTION_NAMES[f.name], f"{prefix}{f.name}.")
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
-SECTION_NAMES: dict[str, type] = {
-    "data": DataConfig,
-    "model": ModelConfig,
-    "train": TrainConfig,
-    "sample": SampleConfig,
-    "task": TaskConfig,
-}
-
-
-def config_reference() -> str:
-    """docs/config.md: every key of every section with its type, default and meaning (`make docs` writes it)."""
-    helps = {action.dest: action.help for action in config_parser()._actions}
-    lines = [
-        "# Config reference",
-        "",
-        "Generated from the dataclasses in `src/tinylm/config.py` by `make docs`; do not edit by hand. A recipe sets",
-        "these keys in YAML sections; the command line overrides any of them as `--section.key VALUE`.",
-    ]
-    for section, cls in SECTION_NAMES.items():
-        lines += ["", f"## `{section}`", "", " ".join((cls.__doc__ or "").split()), ""]
-        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
-        for f in fields(cls):
-            default = f.default if f.default_factory is MISSING else f.default_factory()  # type: ignore[misc]
-            meaning = " ".join(str(helps.get(f"{section}.{f.name}", "")).split()).replace("|", "\\|")
-            kind = str(f.type).replace("|", "or")
-            lines.append(f"| `{section}.{f.name}` | {kind} | `{default!r}` | {meaning} |")
-    return "\n".join(lines) + "\n"
-
-
-def explain_parse_error(message: str, keys: list[str] | None = None) -> str:
-    """Turn jsonargparse's multi-line messages into one line that names the key and the fix (`keys`: the valid
-    dotted keys, by default a run config's)."""
-    unknown = re.search(
-        r"(?:Group '(\w+)' does not accept option '([\w.-]+)'|does not accept option '([\w.-]+)'"
-        r"|unrecognized arguments: --([\w.-]+)|Option '([\w.-]+)' is not accepted)",
-        message,
-    )
-    if unknown:
-        group, in_group, *others = unknown.groups()
-        key = f"{group}.{in_group}" if group else next(k for k in others if k)
-        return f"unknown config key '{key}'{_did_you_mean(key, keys or config_keys())}"
-    wrong_type = re.search(
-        r'Parser key "([\w.]+)":.*?Given value: (.*)$|Parser key "([\w.]+)":.*?Got value: (.*)$', message, re.S
-    )
-    if wrong_type:
-        key = wrong_type.group(1) or wrong_type.group(3)
-        value = (wrong_type.group(2) or wrong_type.group(4)).strip()
-        choices = re.search(r"Literal\[(.*?)\]", message)
-        expected = f"one of {choices.group(1)}" if choices else _type_name(key)
-        return f"config key '{key}' expects {expected}, got {value!r}"
-    return message.strip().splitlines()[0]
-
-
-def _type_name(key: str) -> str:
-    section, _, name = key.rpartition(".")
-    cls = SECTION_NAMES.get(section, Config)
-    annotation = {f.name: f.type for f in fields(cls)}.get(name, "a value of another type")
-    return str(annotation).replace(" | None", " or null")
-
-
-def _did_you_mean(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f"; choose one of: {', '.join(choices)}"
-
-
-def _underscored(arg: str) -> str:
-    """Accept `--train.max-steps` as well as `--train.max_steps`."""
-    if not arg.startswith("--"):
-        return arg
-    name, eq, value = arg.partition("=")
-    return "--" + name[2:].replace("-", "_") + eq + value
-
-
-def _field_names(cls: type) -> set[str]:
-    return {f.name for f in fields(cls)}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinylm.config import Config, resolve_config
+from tinylm.config import Config, config_from_dict
 from tinylm.data.instructions import DEFAULT_CHAT_TEMPLATE, Messages
 from tinylm.errors import TinylmError
 from tinylm.model import build_model
@@ -182,7 +182,7 @@ class ContextConfig:
 
 
 class HuggingFaceKVCache:
-    """A transformers DynamicCache behind tinylm's KV cache interface (length, capacity, reset, crop)."""
+    """A transformers DynamicCache behind tinylm's KV cache interface (length, capacity, reset)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -197,9 +197,6 @@ class HuggingFaceKVCache:
     def length(self) -> int:
         return self.cache.get_seq_length()
 
-    def crop(self, length: int) -> None:
-        self.cache.crop(length)
-
 
 class HuggingFaceLM(nn.Module):
     """A Hugging Face causal LM (or a peft model around one) behind tinylm's model interface."""
@@ -213,7 +210,7 @@ class HuggingFaceLM(nn.Module):
         self, tokens: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: HuggingFaceKVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if kv_cache is not None and kv_cache.length + tokens.shape[1] > kv_cache.capacity:
-            raise ValueError(f"the KV cache holds {kv_cache.capacity} positions; reset or crop it first")
+            raise ValueError(f"the KV cache holds {kv_cache.capacity} positions; reset it first")
         cache = kv_cache.cache if kv_cache is not None else None
         logits = self.hf(input_ids=tokens, past_key_values=cache, use_cache=kv_cache is not None).logits
         if targets is None:
@@ -285,7 +282,7 @@ def load_tinylm_run(path: Path, device: torch.device) -> Pretrained:
             f"{path} is not a tinylm run folder (it needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
             "give the --out folder of a finished `tinylm train`"
         )
-    config = resolve_config(read_yaml(path / CONFIG_FILE))
+    config = config_from_dict(read_yaml(path / CONFIG_FILE))
     if config.model.arch == "seq2seq":
         raise TinylmError(
             f"{path} holds a seq2seq model, which answers sequences rather than continuing text; "

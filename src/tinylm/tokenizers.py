@@ -67,10 +67,6 @@ class Tokenizer(ABC):
     def to_json(self) -> dict:
         """What `load_tokenizer` needs to rebuild this tokenizer, for `fingerprint` and for saving."""
 
-    @abstractmethod
-    def token_byte_lengths(self) -> np.ndarray:
-        """UTF-8 bytes each token stands for (0 for special tokens), for bits-per-byte."""
-
     def fingerprint(self) -> str:
         """A hash of the vocabulary: prepared data and a run must agree on it."""
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
@@ -133,9 +129,6 @@ class CharTokenizer(Tokenizer):
 
     def to_json(self) -> dict:
         return {"spec": self.spec, "chars": self.chars}
-
-    def token_byte_lengths(self) -> np.ndarray:
-        return np.array([len(c.encode()) for c in self.chars] + [0], dtype=np.int64)
 
 
 class HuggingFaceTokenizer(Tokenizer):
@@ -200,21 +193,6 @@ class HuggingFaceTokenizer(Tokenizer):
         self.backend.save(str(folder / HF_TOKENIZER_FILE))
         (folder / TOKENIZER_FILE).write_text(json.dumps({"spec": self.spec, "file": HF_TOKENIZER_FILE}))
 
-    def token_byte_lengths(self) -> np.ndarray:
-        lengths = np.zeros(self.vocab_size, dtype=np.int64)
-        special = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
-        byte_level = isinstance(self.backend.decoder, decoders.ByteLevel)
-        for token, token_id in self.backend.get_vocab().items():
-            if token in special:
-                continue
-            if byte_level:  # in the byte-level alphabet each byte is one character
-                lengths[token_id] = len(token)
-            elif token.startswith("<0x") and token.endswith(">") and len(token) == 6:  # SentencePiece byte fallback
-                lengths[token_id] = 1
-            else:
-                lengths[token_id] = len(self.backend.decode([token_id]).encode())
-        return lengths
-
 
 class TiktokenTokenizer(Tokenizer):
     """GPT-2's BPE (50,257 tokens, `<|endoftext|>` = 50256) through tiktoken, the fastest encoder for it."""
@@ -269,11 +247,6 @@ class TiktokenTokenizer(Tokenizer):
 
     def to_json(self) -> dict:
         return {"spec": self.spec}
-
-    def token_byte_lengths(self) -> np.ndarray:
-        lengths = [len(self.encoding.decode_single_token_bytes(i)) for i in range(self.encoding.n_vocab)]
-        lengths[self.end_of_text] = 0
-        return np.array(lengths, dtype=np.int64)
 
 
 def train_tokenizer(spec: str, train_texts: Iterable[str], held_out_texts: Iterable[str] = ()) -> Tokenizer:

@@ -179,7 +179,6 @@ class TokenizedExamples:
             self.rows = [(ids, labels) for ids, labels in cut if any(label != IGNORE for label in labels)]
         if not self.rows:
             raise TinylmError(f"no example has a response within --max-length {max_length} tokens; raise --max-length")
-        self.dropped = 0 if pack else len(encoded) - len(self.rows)
         self.pad_id = pad_id
 
     def __len__(self) -> int:

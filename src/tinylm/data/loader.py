@@ -1,13 +1,8 @@
-"""Token files read through memory maps, cut into (input, target) windows for training and evaluation.
-
-Ready for data-parallel training: random batches come from a per-rank generator (seed it with the rank, and its state
-is the resumable position); sequential windows are dealt round-robin to ranks and can start from any window index.
-"""
+"""Token files read through memory maps, cut into (input, target) windows at random positions for training and
+evaluation; the generator that draws them is the resumable position."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,21 +40,3 @@ class TokenShards:
             windows[shard_of == shard] = self.shards[shard][positions[shard_of == shard]]
         windows = torch.from_numpy(windows)
         return windows[:, :-1], windows[:, 1:]
-
-    def window_count(self, block_size: int) -> int:
-        return sum(math.ceil((len(shard) - 1) / block_size) for shard in self.shards if len(shard) > 1)
-
-    def sequential_windows(
-        self, block_size: int, rank: int = 0, world_size: int = 1, start: int = 0
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Every token of every file predicted exactly once, in order, in windows of at most `block_size`.
-
-        Window i goes to rank i % world_size; `start` skips the windows before it (a resumed pass).
-        """
-        index = 0
-        for shard in self.shards:
-            for offset in range(0, len(shard) - 1, block_size):
-                if index >= start and index % world_size == rank:
-                    window = torch.from_numpy(shard[offset : offset + block_size + 1].astype(np.int64))
-                    yield window[:-1], window[1:]
-                index += 1

@@ -31,18 +31,12 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
-    def crop(self, length: int) -> None:
-        """Keep the first `length` positions; the rest will be written over."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot crop a KV cache of {self.length} positions to {length}")
-        self.length = length
-
     def reserve(self, count: int) -> int:
         """Claim the next `count` positions and return the first of them."""
         if self.length + count > self.capacity:
             raise ValueError(
                 f"the KV cache holds {self.capacity} positions and {self.length} are filled: "
-                f"{count} more do not fit (reset or crop it first)"
+                f"{count} more do not fit (reset it first)"
             )
         start = self.length
         self.length += count

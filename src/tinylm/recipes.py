@@ -1,0 +1,219 @@
+"""Recipes: a YAML file with one section per config dataclass, and dotted command-line overrides on top of it
+(`--train.max_steps 500`, or `--train.max-steps 500`), parsed into a `Config`. The parsing, type checking and `--help`
+text come from jsonargparse, which reads the dataclasses and their attribute docstrings; its multi-line errors become
+one line that names the key and the fix. `model.preset` layers a named model (`tinylm.model.presets`) under the
+recipe's model keys. `config_reference` writes docs/config.md from the same dataclasses.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+from tinylm.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    SampleConfig,
+    TaskConfig,
+    TrainConfig,
+    apply_batch_tokens,
+    check_config,
+    config_from_dict,
+)
+from tinylm.errors import TinylmError
+from tinylm.model.presets import MODEL_PRESETS
+from tinylm.runs import CONFIG_FILE, read_yaml
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help and docs/config.md show the fields' docstrings
+
+SECTION_NAMES: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+    "task": TaskConfig,
+}
+
+
+def config_parser() -> ArgumentParser:
+    """An argument parser with one `--section.key` option per config field, and `--config FILE` for a recipe."""
+    parser = ArgumentParser(exit_on_error=False, description="Train a model from a recipe and dotted overrides.")
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML recipe; options after it override its keys.")
+    parser.add_class_arguments(Config, None, as_group=False)
+    return parser
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Build a Config from a YAML recipe and overrides (`["--train.max_steps", "10"]` or `{"train.max_steps": 10}`)."""
+    args = ["--config", str(recipe)] if recipe is not None else []
+    if isinstance(overrides, list):
+        args += overrides
+    parser = config_parser()
+    values = parse_user_values(parser, args)
+    for dotted, value in overrides.items() if isinstance(overrides, dict) else []:
+        *sections, key = dotted.split(".")
+        target = values
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[key] = value
+    return resolve_config(values, parser)
+
+
+def config_of_model(target: str) -> Config:
+    """The config behind a model preset name, a recipe file, or a run folder (the config.yaml `tinylm train` wrote)."""
+    path = Path(target)
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise TinylmError(f"{target} holds no config.yaml; give a model preset, a recipe or a run folder")
+        return config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    if path.is_file():
+        return load_config(path)
+    if target not in MODEL_PRESETS:
+        raise TinylmError(
+            f"'{target}' is not a model preset, recipe or run folder{_did_you_mean(target, MODEL_PRESETS)}"
+        )
+    return resolve_config({"model": {"preset": target}})
+
+
+def parse_user_values(parser: ArgumentParser, args: list[str]) -> dict[str, Any]:
+    """The keys the user set (in the recipe or on the command line), type-checked, without defaults filled in."""
+    if args and not args[0].startswith("-"):
+        args = ["--config", *args]  # `tinylm train RECIPE ...`: the recipe is the first positional argument
+    if len(args) >= 2 and args[0] == "--config" and not Path(args[1]).is_file():
+        raise TinylmError(f"recipe not found: {args[1]} (see configs/ for the recipes that ship with tinylm)")
+    args = [_underscored(arg) for arg in args]
+    try:
+        values = parser.parse_args(args, defaults=False).as_dict()
+    except Exception as error:  # jsonargparse reports every parse problem as ArgumentError or ValueError
+        raise TinylmError(explain_parse_error(str(error))) from None
+    values.pop("config", None)
+    return values
+
+
+def resolve_config(user_values: dict[str, Any], parser: ArgumentParser | None = None) -> Config:
+    """Layer defaults, the model preset and the user's values, and check the result."""
+    for section, value in user_values.items():
+        if section in SECTION_NAMES and not isinstance(value, dict):
+            raise TinylmError(f"config section '{section}' must be a mapping of keys to values, not {value!r}")
+    model = user_values.get("model", {})
+    preset = model.get("preset")
+    if preset is not None:
+        if preset not in MODEL_PRESETS:
+            raise TinylmError(f"unknown model preset '{preset}'{_did_you_mean(preset, MODEL_PRESETS)}")
+        user_values = {**user_values, "model": {**MODEL_PRESETS[preset], **model}}
+    parser = parser or config_parser()
+    try:
+        config = parser.instantiate(parser.parse_object(user_values))
+    except Exception as error:
+        raise TinylmError(explain_parse_error(str(error))) from None
+    config = Config(**{key: value for key, value in vars(config).items() if key in _field_names(Config)})
+    config = apply_batch_tokens(config, "batch_size" in user_values.get("train", {}))
+    check_config(config)
+    return config
+
+
+def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key a recipe may set."""
+    keys = []
+    for f in fields(cls):
+        if f.name in SECTION_NAMES:
+            keys += config_keys(SECTION_NAMES[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def config_reference() -> str:
+    """docs/config.md: every key of every section with its type, default and meaning (`make docs` writes it)."""
+    helps = {action.dest: action.help for action in config_parser()._actions}
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from the dataclasses in `src/tinylm/config.py` by `make docs`; do not edit by hand. A recipe sets",
+        "these keys in YAML sections; the command line overrides any of them as `--section.key VALUE`.",
+    ]
+    for section, cls in SECTION_NAMES.items():
+        lines += ["", f"## `{section}`", "", " ".join((cls.__doc__ or "").split()), ""]
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in fields(cls):
+            default = f.default if f.default_factory is MISSING else f.default_factory()  # type: ignore[misc]
+            meaning = " ".join(str(helps.get(f"{section}.{f.name}", "")).split()).replace("|", "\\|")
+            kind = str(f.type).replace("|", "or")
+            lines.append(f"| `{section}.{f.name}` | {kind} | `{default!r}` | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def explain_parse_error(message: str, keys: list[str] | None = None) -> str:
+    """Turn jsonargparse's multi-line messages into one line that names the key and the fix (`keys`: the valid
+    dotted keys, by default a run config's)."""
+    unknown = re.search(
+        r"(?:Group '(\w+)' does not accept option '([\w.-]+)'|does not accept option '([\w.-]+)'"
+        r"|unrecognized arguments: --([\w.-]+)|Option '([\w.-]+)' is not accepted)",
+        message,
+    )
+    if unknown:
+        group, in_group, *others = unknown.groups()
+        key = f"{group}.{in_group}" if group else next(k for k in others if k)
+        return f"unknown config key '{key}'{_did_you_mean(key, keys or config_keys())}"
+    wrong_type = re.search(
+        r'Parser key "([\w.]+)":.*?Given value: (.*)$|Parser key "([\w.]+)":.*?Got value: (.*)$', message, re.S
+    )
+    if wrong_type:
+        key = wrong_type.group(1) or wrong_type.group(3)
+        value = (wrong_type.group(2) or wrong_type.group(4)).strip()
+        choices = re.search(r"Literal\[(.*?)\]", message)
+        expected = f"one of {choices.group(1)}" if choices else _type_name(key)
+        return f"config key '{key}' expects {expected}, got {value!r}"
+    return message.strip().splitlines()[0]
+
+
+def _type_name(key: str) -> str:
+    section, _, name = key.rpartition(".")
+    cls = SECTION_NAMES.get(section, Config)
+    annotation = {f.name: f.type for f in fields(cls)}.get(name, "a value of another type")
+    return str(annotation).replace(" | None", " or null")
+
+
+def _did_you_mean(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; choose one of: {', '.join(choices)}"
+
+
+def _underscored(arg: str) -> str:
+    """Accept `--train.max-steps` as well as `--train.max_steps`."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg.partition("=")
+    return "--" + name[2:].replace("-", "_") + eq + value
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def resume_config(run_dir: str | Path, user_values: dict[str, Any]) -> Config:
+    """The config of the run in `run_dir`, with the training keys the user changes for the rest of the run (the
+    user's values come type-checked from parse_user_values)."""
+    saved_file = Path(run_dir) / CONFIG_FILE
+    if not saved_file.is_file():
+        raise TinylmError(f"{run_dir} is not a tinylm run folder (no {CONFIG_FILE}); give the --out folder of a run")
+    saved = read_yaml(saved_file)
+    for section in ("data", "model"):
+        for key, value in user_values.get(section, {}).items():
+            if saved[section].get(key) != value:
+                raise TinylmError(
+                    f"--resume continues the same model on the same data, so {section}.{key} cannot change; "
+                    "start a new run with another --out"
+                )
+    merged = {**saved, "out": str(run_dir)}
+    for section, values in user_values.items():
+        if isinstance(values, dict):
+            merged[section] = {**saved.get(section, {}), **values}
+    return config_from_dict(merged)
