@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import run_cli, tiny_overrides
+from safetensors.torch import load_file
 
 import tinylm
 from tinylm.config import FinetuneConfig, finetune_train_defaults
@@ -22,7 +24,7 @@ from tinylm.pretrained import HuggingFaceChatTokenizer, HuggingFaceLM, load_pret
 from tinylm.tokenizers import END_OF_TEXT, HuggingFaceTokenizer
 from tinylm.training import finetune
 from tinylm.training.engine import Engine
-from tinylm.training.tasks.sft import attach_trainable, response_nats
+from tinylm.training.tasks.sft import InstructionTuning, attach_trainable, response_nats
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -502,3 +504,65 @@ def test_smollm2_answers_through_its_chat_template_in_tinylm_chat(capsys, monkey
     code, out, err = run_cli(capsys, "chat", "smollm2-135m-instruct", "--temperature", "0", "--max-new-tokens", "12")
     assert code == 0, err
     assert "(chat template)" in out and "Paris" in out and "<|im_end|>" not in out
+
+
+def test_batch_tokens_and_the_equivalent_micro_batches_train_the_same_adapter(tiny_gpt2, capitals_file, tmp_path):
+    steps = {"max_steps": 3, "learning_rate": 1e-3, "log_interval": 1, "eval_interval": 3}
+    by_tokens = lora_config(
+        tiny_gpt2, capitals_file, tmp_path / "tokens", lora_dropout=0.0,
+        train=train_cpu(batch_tokens=8 * 64, micro_batch_size=2, **steps),
+    )  # fmt: skip
+    by_rows = lora_config(tiny_gpt2, capitals_file, tmp_path / "rows", lora_dropout=0.0, train=train_cpu(**steps))
+    results = [finetune(by_tokens), finetune(by_rows)]
+    losses = [[r["loss"] for r in records(result.out) if "loss" in r] for result in results]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    adapters = [load_file(result.out / "adapter_model.safetensors") for result in results]
+    for name, tensor in adapters[1].items():
+        torch.testing.assert_close(adapters[0][name], tensor, rtol=0, atol=1e-5)
+    with pytest.raises(TinylmError, match=r"train.batch_tokens \(500\) must be a positive multiple of --max-length"):
+        finetune(dataclasses.replace(by_tokens, train=train_cpu(batch_tokens=500)))
+
+
+def records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_patience_max_time_and_on_nan_work_for_fine_tuning(tiny_gpt2, capitals_file, tmp_path, monkeypatch):
+    patient = lora_config(tiny_gpt2, capitals_file, tmp_path / "patience", train=train_cpu(
+        max_steps=20, eval_interval=2, patience=2, learning_rate=1e-12, warmup_steps=1
+    ))  # fmt: skip
+    result = finetune(patient)
+    assert result.steps < 20 and "no better val loss in 2 evaluations" in records(result.out)[-1]["stopped"]
+
+    timed = lora_config(tiny_gpt2, capitals_file, tmp_path / "time", train=train_cpu(max_steps=20, max_time="0s"))
+    assert finetune(timed).steps == 1
+
+    calls = itertools.count(1)
+    original_loss = InstructionTuning.loss
+
+    def nan_on_the_7th_training_pass(task, forward, micro_batch):
+        loss = original_loss(task, forward, micro_batch)
+        return loss * float("nan") if torch.is_grad_enabled() and next(calls) == 7 else loss
+
+    monkeypatch.setattr(InstructionTuning, "loss", nan_on_the_7th_training_pass)
+    nan_run = lora_config(tiny_gpt2, capitals_file, tmp_path / "nan", train=train_cpu(
+        max_steps=8, eval_interval=4, log_interval=1, warmup_steps=1
+    ))  # fmt: skip
+    with pytest.raises(TinylmError, match="the loss became nan at step 7"):
+        finetune(nan_run)
+    calls = itertools.count(1)
+    skipped = dataclasses.replace(nan_run, out=str(tmp_path / "skip"), train=replace_train(nan_run, on_nan="skip"))
+    result = finetune(skipped)
+    rollbacks = [r["rolled_back_to"] for r in records(result.out) if "rolled_back_to" in r]
+    assert result.steps == 8 and rollbacks == [4]
+
+
+def replace_train(config: FinetuneConfig, **changes) -> tinylm.TrainConfig:
+    return dataclasses.replace(config.train, **changes)
+
+
+def test_a_key_fine_tuning_cannot_honour_is_refused_in_one_line(tiny_gpt2, capitals_file, tmp_path):
+    config = lora_config(tiny_gpt2, capitals_file, tmp_path / "o", train=train_cpu(eval_batches=3))
+    with pytest.raises(TinylmError, match=r"train.eval_batches does not apply to fine-tuning: .*--held-out-examples"):
+        finetune(config)
+    assert not (tmp_path / "o").exists()

@@ -8,6 +8,7 @@ import torch
 from conftest import REPO, run_cli
 
 import tinylm
+from tinylm.cli import main
 from tinylm.config import ModelConfig
 from tinylm.copy_task import CopyTask
 from tinylm.errors import TinylmError
@@ -213,3 +214,29 @@ def test_the_recipe_passes_99_percent_of_held_out_sequences(tmp_path):
     config = tinylm.load_config(RECIPE, {"out": str(tmp_path / "run"), "train.threads": 1})
     result = tinylm.train(config)
     assert result.best["val_accuracy"] > 0.99
+
+
+def test_the_copy_task_honours_patience_and_max_time_and_resumes(tmp_path):
+    fast = {"train.eval_interval": 2, "task.val_sequences": 20}
+    patient = tinylm.train(
+        tinylm.load_config(
+            RECIPE, quick_overrides(tmp_path / "p", **fast, **{"train.learning_rate": 1e-12, "train.patience": 2})
+        )
+    )
+    assert patient.steps == 6  # the first evaluation stays the best: two more without a better one
+    timed = tinylm.train(
+        tinylm.load_config(RECIPE, quick_overrides(tmp_path / "t", **fast, **{"train.max_time": "0s"}))
+    )
+    assert timed.steps == 1
+    short = tinylm.train(tinylm.load_config(RECIPE, quick_overrides(tmp_path / "r", **fast, **{"train.max_steps": 4})))
+    assert short.steps == 4
+    assert main(["train", "--resume", str(short.run_dir), "--train.max_steps", "6"]) == 0
+    records = [json.loads(line) for line in (short.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_accuracy" in r] == [2, 4, 6]
+
+
+def test_a_key_the_copy_task_cannot_honour_is_refused_in_one_line(tmp_path):
+    config = tinylm.load_config(RECIPE, quick_overrides(tmp_path / "run", **{"train.eval_batches": 3}))
+    with pytest.raises(TinylmError, match=r"train.eval_batches does not apply to the copy task: .*task.val_sequences"):
+        tinylm.train(config)
+    assert not (tmp_path / "run").exists()

@@ -4,11 +4,12 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 
 import pytest
 import torch
-from conftest import SMALL_TEXT, tiny_overrides
+from conftest import SMALL_TEXT, tiny_overrides, tree_hashes
 
 import tinylm
 from tinylm.errors import TinylmError
@@ -190,3 +191,32 @@ def test_a_sample_prompt_outside_the_vocabulary_stops_the_run_before_training(te
     with pytest.raises(TinylmError, match=r"sample\.prompt: text has 1 character\(s\) outside"):
         train_tiny(text_file, tmp_path / "run", **{"sample.prompt": "Ωme"})
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_overwrite_with_a_config_that_cannot_start_keeps_the_old_run(text_file, tmp_path):
+    old = train_tiny(text_file, tmp_path / "run").run_dir
+    before = tree_hashes(old)
+    cannot_start = tinylm.load_config(None, tiny_overrides(text_file, old, **{"model.block_size": 4096}))
+    with pytest.raises(TinylmError, match="fewer than one context window"):
+        tinylm.train(cannot_start, overwrite=True)
+    assert tree_hashes(old) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", text_file.name])  # no staging left behind
+
+
+def test_a_full_disk_leaves_the_previous_run_whole_and_no_empty_config(text_file, tmp_path, small_disk):
+    trained = train_tiny(text_file, tmp_path / "run", **{"train.max_steps": 10}).run_dir
+    pages = sum(-(-p.stat().st_size // 4096) for p in trained.rglob("*") if p.is_file())
+    disk = small_disk(pages * 4096)  # exactly full once the run is copied in
+    run = disk / "run"
+    shutil.copytree(trained, run)
+    before = tree_hashes(run)
+    overrides = tiny_overrides(text_file, run, **{"train.max_steps": 10})
+    for attempt in (
+        lambda: tinylm.train(tinylm.load_config(None, overrides), overwrite=True),
+        lambda: tinylm.train(tinylm.load_config(None, {**overrides, "train.max_steps": 20}), resume=True),
+    ):
+        with pytest.raises(TinylmError, match="no space left on the device") as error:
+            attempt()
+        assert "\n" not in str(error.value)
+        assert tree_hashes(run) == before and (run / "config.yaml").stat().st_size > 0
+        assert sorted(p.name for p in disk.iterdir()) == ["run"]

@@ -125,8 +125,9 @@ class TrainConfig:
     batch_size: int = 32
     """Sequences per optimizer step, summed over all processes: batch_size * model.block_size tokens per step."""
     batch_tokens: int | None = None
-    """Tokens per optimizer step, summed over all processes. When set, batch_size = batch_tokens / model.block_size
-    (it must divide exactly; a batch_size given beside it must agree)."""
+    """Tokens per optimizer step, summed over all processes. When set, batch_size = batch_tokens / the length of a
+    row: model.block_size, a fine-tune's max_length (it must divide exactly; a batch_size given beside it must
+    agree)."""
     micro_batch_size: int | None = None
     """Sequences per forward pass on each process; the batch is reached by accumulating gradients over micro-batches.
     null: the whole per-process batch on CPU and MPS, the largest that fits in memory on CUDA."""
@@ -358,20 +359,25 @@ def _typed(value: Any, kind: Any, key: str) -> Any:
 
 def apply_batch_tokens(config: Config, batch_size_given: bool) -> Config:
     """One rule: batch_size sequences of block_size tokens make a step; batch_tokens, when set, decides batch_size."""
-    train, block_size = config.train, config.model.block_size
+    train = batch_size_from_tokens(config.train, config.model.block_size, "model.block_size", batch_size_given)
+    return replace(config, train=train)
+
+
+def batch_size_from_tokens(train: TrainConfig, row_tokens: int, row_name: str, batch_size_given: bool) -> TrainConfig:
+    """`train` with batch_size = batch_tokens / the tokens of one row (`row_name` says where that length is set)."""
     if train.batch_tokens is None:
-        return config
-    if train.batch_tokens < 1 or train.batch_tokens % block_size:
+        return train
+    if train.batch_tokens < 1 or train.batch_tokens % row_tokens:
         raise TinylmError(
-            f"train.batch_tokens ({train.batch_tokens}) must be a positive multiple of model.block_size ({block_size})"
+            f"train.batch_tokens ({train.batch_tokens}) must be a positive multiple of {row_name} ({row_tokens})"
         )
-    batch_size = train.batch_tokens // block_size
+    batch_size = train.batch_tokens // row_tokens
     if batch_size_given and train.batch_size != batch_size:
         raise TinylmError(
-            f"train.batch_size {train.batch_size} x model.block_size {block_size} is not train.batch_tokens "
+            f"train.batch_size {train.batch_size} x {row_name} {row_tokens} is not train.batch_tokens "
             f"{train.batch_tokens}; set only one of batch_size and batch_tokens"
         )
-    return replace(config, train=replace(train, batch_size=batch_size))
+    return replace(train, batch_size=batch_size)
 
 
 def check_config(config: Config) -> None:

@@ -28,6 +28,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from tinylm.errors import TinylmError
+from tinylm.runs import write_atomically
 
 TOKENIZER_FILE = "tinylm_tokenizer.json"
 HF_TOKENIZER_FILE = "tokenizer.json"
@@ -72,7 +73,7 @@ class Tokenizer(ABC):
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
     def save(self, folder: Path) -> None:
-        (folder / TOKENIZER_FILE).write_text(json.dumps(self.to_json(), ensure_ascii=False))
+        write_atomically(folder / TOKENIZER_FILE, json.dumps(self.to_json(), ensure_ascii=False))
 
 
 class CharTokenizer(Tokenizer):
@@ -190,8 +191,8 @@ class HuggingFaceTokenizer(Tokenizer):
         return {"spec": self.spec, "tokenizer": json.loads(self.backend.to_str())}
 
     def save(self, folder: Path) -> None:
-        self.backend.save(str(folder / HF_TOKENIZER_FILE))
-        (folder / TOKENIZER_FILE).write_text(json.dumps({"spec": self.spec, "file": HF_TOKENIZER_FILE}))
+        write_atomically(folder / HF_TOKENIZER_FILE, self.backend.to_str(pretty=True))
+        write_atomically(folder / TOKENIZER_FILE, json.dumps({"spec": self.spec, "file": HF_TOKENIZER_FILE}))
 
 
 class TiktokenTokenizer(Tokenizer):

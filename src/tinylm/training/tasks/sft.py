@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinylm.config import Config, FinetuneConfig, check_config, finetune_train_defaults
+from tinylm.config import Config, FinetuneConfig, batch_size_from_tokens, check_config, finetune_train_defaults
 from tinylm.data.instructions import IGNORE, TokenizedExamples, load_instructions
 from tinylm.errors import TinylmError
 from tinylm.pretrained import HuggingFaceLM, Pretrained, load_pretrained
@@ -67,7 +67,6 @@ class InstructionTuning(Task):
     name = "fine-tuning"
     kind = "finetune"
     refused: ClassVar[dict[str, str]] = {
-        "batch_tokens": "rows are conversations of different lengths; set train.batch_size",
         "eval_batches": "every held-out example is evaluated; set --held-out-examples",
     }
     evaluates_at_start = True
@@ -75,8 +74,9 @@ class InstructionTuning(Task):
 
     def __init__(self, config: FinetuneConfig, resume: bool = False):
         check_finetune_config(config)
-        self.config = config
-        self.out, self.train, self.default_train = Path(config.out), config.train, finetune_train_defaults()
+        self.config, self.out, self.default_train = config, Path(config.out), finetune_train_defaults()
+        batch_size_given = config.train.batch_size != self.default_train.batch_size
+        self.train = batch_size_from_tokens(config.train, config.max_length, "--max-length", batch_size_given)
         if resume:
             check_same_fine_tune(self.out, config)
 
