@@ -1,15 +1,18 @@
 """`tinylm serve`: an OpenAI-compatible HTTP API for one model, and a playground page, on localhost.
 
-    POST /v1/completions        {"model", "prompt" (a string or a list: one batch), "max_tokens", "temperature",
-                                 "top_p", "stop", "seed", "stream"} and tinylm's own "top_k", "min_p",
-                                 "repetition_penalty"
+    POST /v1/completions        {"model", "prompt" (a string or a list: one batch), "stream", "n" (1)} and the
+                                sampling fields: SampleConfig's under OpenAI's names ("max_tokens", "temperature",
+                                "top_p", "stop", "seed", and tinylm's own "top_k", "min_p", "repetition_penalty"; see
+                                REQUEST_FIELDS)
     POST /v1/chat/completions   the same with "messages" instead of "prompt", rendered with the model's chat template
                                 (a plain language model continues the messages' texts joined)
-    GET  /v1/models, GET /health, GET / (the playground: static HTML and JavaScript, nothing fetched from elsewhere)
+    GET  /v1/models, GET /health, GET / (the playground: static HTML and JavaScript, nothing fetched from elsewhere,
+                                starting from the run's `sample` settings)
 
 `"stream": true` answers with server-sent events, one chunk per piece of text, then `data: [DONE]`. The model runs in
 worker threads, so the event loop keeps answering (health checks, other streams) while it computes. Requests beyond
-the concurrency limit get 429 at once rather than queueing unseen; prompts and max_tokens beyond their limits get 400.
+the concurrency limit get 429 at once rather than queueing unseen; prompts and max_tokens beyond their limits, and
+sampling values `check_sample_config` refuses, get 400.
 Every error is an OpenAI-style body: {"error": {"message", "type", "param", "code"}}.
 """
 
