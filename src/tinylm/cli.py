@@ -174,6 +174,7 @@ def add_data_options(parser: ArgumentParser) -> None:
 
 
 def data_config_of(args) -> DataConfig:
+    """The DataConfig that `prepare`'s arguments (from `add_data_options`) describe."""
     return DataConfig(
         **{field.name: args[DATA_OPTION_NAMES.get(field.name, field.name)] for field in fields(DataConfig)}
     )
