@@ -138,7 +138,7 @@ def test_bad_sampling_options_get_one_line(run_dir, capsys):
     code, _, err = run_cli(capsys, "generate", str(run_dir), "--temperature", "-1")
     assert_one_line_error(code, err, "temperature must be 0 or more")
     code, _, err = run_cli(capsys, "generate", str(run_dir), "--top-k", "lots")
-    assert_one_line_error(code, err, "expects")
+    assert_one_line_error(code, err, "top_k must be a whole number or null, not 'lots'")
     code, _, err = run_cli(capsys, "generate", str(run_dir), "--prompt", "")
     assert_one_line_error(code, err, "prompt is empty")
 

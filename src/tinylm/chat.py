@@ -11,9 +11,11 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 
-from tinylm.config import SampleConfig, check_sample_config
+from tinylm.config import SampleConfig, check_sample_config, setting_from_text
 from tinylm.errors import TinylmError
 from tinylm.run import Run
+
+SETTABLE = [f.name for f in fields(SampleConfig) if f.name != "prompt"]  # a chat's prompt is its conversation
 
 HELP = """\
 Type a message and press Enter; the reply streams. Commands:
@@ -52,17 +54,12 @@ class ChatSession:
                 yield piece.text
 
     def set(self, key: str, value: str) -> None:
-        """Change one sampling setting from its text, e.g. set("temperature", "0.7")."""
-        kinds = {"temperature": float, "top_p": float, "min_p": float, "repetition_penalty": float}
-        kinds |= {"top_k": int, "max_new_tokens": int, "seed": int}
+        """Change one sampling setting from its text, read by the field's type as the command line reads it:
+        set("temperature", "0.7"), set("seed", "null"), set("stop", '["\\n\\n"]')."""
         key = key.replace("-", "_")
-        if key not in kinds:
-            raise TinylmError(f"cannot set '{key}'; settable: {', '.join(kinds)}")
-        try:
-            parsed = None if value.lower() in ("none", "null") and key in ("top_k", "seed") else kinds[key](value)
-        except ValueError:
-            raise TinylmError(f"{key} takes a number, not {value!r}") from None
-        sampling = replace(self.sampling, **{key: parsed})
+        if key not in SETTABLE:
+            raise TinylmError(f"cannot set '{key}'; settable: {', '.join(SETTABLE)}")
+        sampling = replace(self.sampling, **{key: setting_from_text(SampleConfig, key, value)})
         check_sample_config(sampling)
         self.sampling = sampling
 
@@ -71,7 +68,7 @@ def chat_loop(session: ChatSession, read=input, write=None, flush=None) -> None:
     """The interactive loop: read a line, answer a command or stream a reply, until end of input. Output goes to
     whatever sys.stdout is when it is called, unless `write` and `flush` say otherwise."""
     write, flush = write or sys.stdout.write, flush or sys.stdout.flush
-    keys = ", ".join(f.name for f in fields(SampleConfig) if f.name not in ("prompt", "stop"))
+    keys = ", ".join(SETTABLE)
     kind = "chat template" if session.run.chat else "plain language model: each message continues the text"
     write(f"tinylm chat with {session.run.path} ({kind}). /help for commands, Ctrl-D to quit.\n")
     while True:

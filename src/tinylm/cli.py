@@ -5,12 +5,22 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from argparse import SUPPRESS
 from dataclasses import fields, replace
-from typing import Literal
+from typing import Any, Literal, get_type_hints
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from tinylm.config import Config, DataConfig, FinetuneConfig, TrainConfig, check_config
+from tinylm.config import (
+    Config,
+    DataConfig,
+    FinetuneConfig,
+    SampleConfig,
+    TrainConfig,
+    check_config,
+    field_docs,
+    setting_from_text,
+)
 from tinylm.errors import TinylmError
 from tinylm.recipes import (
     _underscored,
@@ -42,43 +52,19 @@ def build_parser() -> ArgumentParser:
     )
 
     prepare = ArgumentParser(exit_on_error=False, description="Download (or find) a dataset and tokenize it.")
-    prepare.add_argument(
-        "source",
-        type=str,
-        help="A dataset (tinyshakespeare, tinystories, tinystories-v1, wikitext2), a .txt/.jsonl/.json/.parquet file "
-        "or folder, or hf:owner/name[:config].",
-    )
-    prepare.add_argument("--subset", type=str | None, default=None, help="A named part of a dataset (e.g. head10k).")
-    prepare.add_argument(
-        "--tokenizer", type=str, default="char", help="char, bpe:N, gpt2, hf:NAME or a tokenizer.json."
-    )
-    prepare.add_argument("--text-field", type=str, default="text", help="Field or column holding each document.")
-    prepare.add_argument("--val-fraction", type=float, default=0.1, help="Share held out when there is no val split.")
-    prepare.add_argument("--data-dir", type=str | None, default=None, help="Where token files go (default: cache).")
-    prepare.add_argument("--num-proc", type=int | None, default=None, help="Tokenizer processes (default: all cores).")
-    prepare.add_argument("--shard-tokens", type=int, default=100_000_000, help="Most tokens per shard file.")
-    prepare.add_argument(
-        "--token-dtype", type=Literal["auto", "uint16", "uint32"], default="auto", help="Integer type of token files."
-    )
-    prepare.add_argument(
-        "--errors",
-        type=Literal["strict", "replace"],
-        default="strict",
-        help="On bytes that are not UTF-8: stop (strict) or replace them with U+FFFD.",
-    )
+    add_data_options(prepare)
     prepare.add_argument("--force-reload", action="store_true", help="Prepare again even if nothing changed.")
     commands.add_subcommand("prepare", prepare, help="Tokenize a dataset into token files (train does it too).")
 
     generate = ArgumentParser(exit_on_error=False, description="Continue a prompt with a trained model, streaming.")
     generate.add_argument("run_dir", type=str, help=MODEL_HELP)
-    generate.add_argument("--prompt", type=str | None, default=None, help="Text to continue (default: the run's).")
-    add_sampling_arguments(generate)
+    add_sampling_options(generate, GENERATE_OPTIONS)
     commands.add_subcommand("generate", generate, help="Sample text from a trained run or any model `load` takes.")
 
     chat = ArgumentParser(exit_on_error=False, description="Talk with a model interactively; replies stream.")
     chat.add_argument("run_dir", type=str, help=MODEL_HELP)
     chat.add_argument("--system", type=str | None, default=None, help="A system message (chat-template models).")
-    add_sampling_arguments(chat)
+    add_sampling_options(chat, CHAT_OPTIONS)
     commands.add_subcommand("chat", chat, help="Chat with a run in the terminal (/help inside for commands).")
 
     evaluate = ArgumentParser(exit_on_error=False, description="Loss, perplexity and bits per byte on a data split.")
@@ -174,22 +160,45 @@ def finetune_parser() -> ArgumentParser:
     return parser
 
 
-def add_sampling_arguments(parser: ArgumentParser) -> None:
-    """Options that override the run's `sample` config (unset: the run's value)."""
-    parser.add_argument("--max-new-tokens", type=int | None, default=None, help="Tokens to generate.")
-    parser.add_argument("--temperature", type=float | None, default=None, help="0 is greedy; higher is more varied.")
-    parser.add_argument("--top-k", type=int | None, default=None, help="Sample among the k likeliest tokens (0: all).")
-    parser.add_argument("--top-p", type=float | None, default=None, help="Sample among the likeliest tokens whose "
-                        "probabilities reach p (1: all).")  # fmt: skip
-    parser.add_argument("--min-p", type=float | None, default=None, help="Drop tokens less likely than min-p times "
-                        "the likeliest (0: none).")  # fmt: skip
-    parser.add_argument("--repetition-penalty", type=float | None, default=None, help="Above 1 discourages repeats.")
-    parser.add_argument("--stop", type=list[str] | None, default=None, help="Strings that end the text, e.g. "
-                        "--stop '[\"\\n\\n\"]'.")  # fmt: skip
-    parser.add_argument("--seed", type=int | None, default=None, help="Same seed and prompt, same text.")
+# `prepare`'s options are DataConfig's fields, named as the field with dashes except these, which keep the shorter
+# names users know; the first field, `source`, is the positional argument.
+DATA_OPTION_NAMES = {"encoding_errors": "errors"}
 
 
-SAMPLING_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "stop", "seed")
+def add_data_options(parser: ArgumentParser) -> None:
+    """DataConfig's fields as `prepare`'s arguments: their types, defaults and docstrings (as help)."""
+    docs, hints = field_docs(DataConfig), get_type_hints(DataConfig)
+    source, *options = fields(DataConfig)
+    parser.add_argument(source.name, type=hints[source.name], help=docs[source.name])
+    for field in options:
+        flag = "--" + DATA_OPTION_NAMES.get(field.name, field.name).replace("_", "-")
+        parser.add_argument(flag, type=hints[field.name], default=field.default, help=docs[field.name])
+
+
+def data_config_of(args) -> DataConfig:
+    """The DataConfig that `prepare`'s arguments (from `add_data_options`) describe."""
+    return DataConfig(
+        **{field.name: args[DATA_OPTION_NAMES.get(field.name, field.name)] for field in fields(DataConfig)}
+    )
+
+
+GENERATE_OPTIONS = [field.name for field in fields(SampleConfig)]
+CHAT_OPTIONS = [name for name in GENERATE_OPTIONS if name != "prompt"]  # a chat's prompt is its conversation
+
+
+def add_sampling_options(parser: ArgumentParser, names: list[str]) -> None:
+    """SampleConfig's fields `names` as options (`--max-new-tokens`, ...) that override the run's `sample` config,
+    their docstrings as help. They stay text for `setting_from_text`, which reads them as chat's /set does (no type
+    for jsonargparse), and an unset one is absent (SUPPRESS), not a default."""
+    docs = field_docs(SampleConfig)
+    for name in names:
+        meaning = f"{docs[name]} Unset: the run's sample.{name}."
+        parser.add_argument(f"--{name.replace('_', '-')}", default=SUPPRESS, help=meaning)
+
+
+def sampling_options(args, names: list[str]) -> dict[str, Any]:
+    """The sampling options given on the command line, as values of their fields' types."""
+    return {name: setting_from_text(SampleConfig, name, args[name]) for name in names if name in args}
 
 
 def train_parser() -> ArgumentParser:
@@ -260,18 +269,7 @@ def run_train(args: list[str]) -> int:
 def run_prepare(args) -> int:
     from tinylm.data.prepare import prepare
 
-    config = DataConfig(
-        source=args.source,
-        subset=args.subset,
-        tokenizer=args.tokenizer,
-        text_field=args.text_field,
-        val_fraction=args.val_fraction,
-        data_dir=args.data_dir,
-        num_proc=args.num_proc,
-        shard_tokens=args.shard_tokens,
-        token_dtype=args.token_dtype,
-        encoding_errors=args.errors,
-    )
+    config = data_config_of(args)
     check_config(Config(data=config))
     data = prepare(config, force=args.force_reload)
     meta = data.meta
@@ -287,9 +285,10 @@ def run_prepare(args) -> int:
 def run_generate(args) -> int:
     from tinylm.run import load
 
+    options = sampling_options(args, GENERATE_OPTIONS)
     run = load(args.run_dir)
-    prompt = run.sampling().prompt if args.prompt is None else args.prompt
-    pieces = run.stream(prompt, **{key: args[key] for key in SAMPLING_OPTIONS})
+    prompt = options.pop("prompt", run.sampling().prompt)
+    pieces = run.stream(prompt, **options)
     sys.stdout.write(prompt)
     for piece in pieces:
         sys.stdout.write(piece)
@@ -302,9 +301,10 @@ def run_chat(args) -> int:
     from tinylm.chat import ChatSession, chat_loop
     from tinylm.run import load
 
+    options = sampling_options(args, CHAT_OPTIONS)
     run = load(args.run_dir)
-    sampling = run.sampling(**{key: args[key] for key in SAMPLING_OPTIONS})
-    if args.seed is None:  # a chat should not answer the same question the same way every time
+    sampling = run.sampling(**options)
+    if "seed" not in options:  # a chat should not answer the same question the same way every time
         sampling.seed = None
     with contextlib.suppress(ImportError):  # line editing and history for input(), where the platform has it
         import readline  # noqa: F401

@@ -8,14 +8,17 @@ line's dotted overrides, into a `Config`. The fully resolved config is saved as 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 import types
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
+from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+import docstring_parser
 import yaml
 
 from tinylm.errors import TinylmError
@@ -194,12 +197,14 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """Text generation defaults, used after training and by `tinylm generate`."""
+    """Text generation defaults, used after training and by `tinylm generate`. Each field is also an option of
+    `tinylm generate` and `tinylm chat`, a `/set` key in chat and a field of `tinylm serve`'s requests; every one of
+    them is checked by `check_sample_config`."""
 
     prompt: str = "\n"
     """Text the model continues."""
     max_new_tokens: int = 500
-    """Tokens to generate."""
+    """Most tokens to generate (0: none, only the prompt)."""
     temperature: float = 0.8
     """Softmax temperature; 0 picks the most likely token every time."""
     top_k: int | None = 200
@@ -463,7 +468,16 @@ def check_task_config(config: Config) -> None:
 
 
 def check_sample_config(sample: SampleConfig, prefix: str = "") -> None:
-    """Reject sampling settings that cannot work; `prefix` names where they came from (`sample.` in a recipe)."""
+    """Reject sampling settings that cannot work, in one line that says what would. The one check of every way in:
+    a recipe, the command line, the Python API, chat's /set and the server. `prefix` names where they came from
+    (`sample.` in a recipe)."""
+    for name, hint in get_type_hints(SampleConfig).items():
+        value = getattr(sample, name)
+        if not _has_type(value, hint):
+            raise TinylmError(f"{prefix}{name} must be {_type_words(hint)}, not {value!r}")
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty"):  # nan passes every comparison below
+        if not math.isfinite(getattr(sample, name)):
+            raise TinylmError(f"{prefix}{name} must be a finite number, not {getattr(sample, name)}")
     if sample.max_new_tokens < 0:
         raise TinylmError(f"{prefix}max_new_tokens must be 0 or more, not {sample.max_new_tokens}")
     if sample.temperature < 0:
@@ -478,6 +492,54 @@ def check_sample_config(sample: SampleConfig, prefix: str = "") -> None:
         raise TinylmError(f"{prefix}repetition_penalty must be positive (1: off), not {sample.repetition_penalty}")
     if any(not stop for stop in sample.stop):
         raise TinylmError(f"{prefix}stop strings must not be empty")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's attribute docstring on one line: the help of every option derived from the field."""
+    return {
+        doc.arg_name: " ".join((doc.description or "").split())
+        for doc in docstring_parser.parse_from_object(cls).params
+    }
+
+
+def setting_from_text(cls: type, name: str, text: str) -> Any:
+    """The value of field `name` of `cls` typed as text (a command-line option, chat's /set), read by the field's
+    type: `0.7` and `inf` for numbers, `null` for optional fields, JSON for lists (`["\\n\\n"]`). The section's
+    check judges the value afterwards, as it judges the same value from anywhere else."""
+    hint = get_type_hints(cls)[name]
+    kind, optional = _without_none(hint)
+    if optional and text.strip().lower() in ("null", "none"):
+        return None
+    try:
+        value = json.loads(text) if get_origin(kind) is list else kind(text)
+    except ValueError:  # json.JSONDecodeError is one too
+        value = text
+    if not _has_type(value, hint):
+        raise TinylmError(f"{name} must be {_type_words(hint)}, not {text!r}")
+    return value
+
+
+def _without_none(hint: Any) -> tuple[Any, bool]:
+    """(T, True) for the type `T | None`; (hint, False) for any other."""
+    if get_origin(hint) in (Union, UnionType) and type(None) in get_args(hint):
+        return next(arg for arg in get_args(hint) if arg is not type(None)), True
+    return hint, False
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    kind, optional = _without_none(hint)
+    if value is None or isinstance(value, bool):  # bool is an int to Python, never a setting's number
+        return value is None and optional
+    if get_origin(kind) is list:
+        return isinstance(value, list) and all(isinstance(item, get_args(kind)[0]) for item in value)
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def _type_words(hint: Any) -> str:
+    kind, optional = _without_none(hint)
+    lists = 'a list of strings, e.g. ["\\n\\n"]'
+    words = lists if get_origin(kind) is list else {int: "a whole number", float: "a number", str: "a string"}[kind]
+    return f"{words} or null" if optional else words
 
 
 def parse_duration(text: str) -> float:

@@ -50,13 +50,16 @@ class Run:
     """A tinylm run's training config (its `sample` defaults and dataset); None for other models."""
 
     def sampling(self, **options) -> SampleConfig:
-        """The run's `sample` config (SampleConfig's defaults for other models) with the options given (not None) in
-        place of its values, checked."""
-        unknown = set(options) - {f.name for f in fields(SampleConfig)}
+        """The run's `sample` config (SampleConfig's defaults for other models) with `options` in place of its values,
+        checked: e.g. sampling(temperature=0, seed=None). None is null, for the fields that take it (`seed`: a
+        different text each time; `top_k`: all tokens)."""
+        names = [f.name for f in fields(SampleConfig)]
+        unknown = set(options) - set(names)
         if unknown:
-            raise TinylmError(f"unknown sampling option(s) {', '.join(sorted(unknown))}")
-        defaults = self.config.sample if self.config else SampleConfig()
-        sampling = replace(defaults, **{key: value for key, value in options.items() if value is not None})
+            raise TinylmError(
+                f"unknown sampling option(s) {', '.join(sorted(unknown))}; choose from {', '.join(names)}"
+            )
+        sampling = replace(self.config.sample if self.config else SampleConfig(), **options)
         check_sample_config(sampling)
         return sampling
 

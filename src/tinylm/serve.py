@@ -1,15 +1,18 @@
 """`tinylm serve`: an OpenAI-compatible HTTP API for one model, and a playground page, on localhost.
 
-    POST /v1/completions        {"model", "prompt" (a string or a list: one batch), "max_tokens", "temperature",
-                                 "top_p", "stop", "seed", "stream"} and tinylm's own "top_k", "min_p",
-                                 "repetition_penalty"
+    POST /v1/completions        {"model", "prompt" (a string or a list: one batch), "stream", "n" (1)} and the
+                                sampling fields: SampleConfig's under OpenAI's names ("max_tokens", "temperature",
+                                "top_p", "stop", "seed", and tinylm's own "top_k", "min_p", "repetition_penalty"; see
+                                REQUEST_FIELDS)
     POST /v1/chat/completions   the same with "messages" instead of "prompt", rendered with the model's chat template
                                 (a plain language model continues the messages' texts joined)
-    GET  /v1/models, GET /health, GET / (the playground: static HTML and JavaScript, nothing fetched from elsewhere)
+    GET  /v1/models, GET /health, GET / (the playground: static HTML and JavaScript, nothing fetched from elsewhere,
+                                starting from the run's `sample` settings)
 
 `"stream": true` answers with server-sent events, one chunk per piece of text, then `data: [DONE]`. The model runs in
 worker threads, so the event loop keeps answering (health checks, other streams) while it computes. Requests beyond
-the concurrency limit get 429 at once rather than queueing unseen; prompts and max_tokens beyond their limits get 400.
+the concurrency limit get 429 at once rather than queueing unseen; prompts and max_tokens beyond their limits, and
+sampling values `check_sample_config` refuses, get 400.
 Every error is an OpenAI-style body: {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -22,8 +25,9 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib.resources import files
+from typing import Any, get_type_hints
 
-from tinylm.config import SampleConfig, check_sample_config
+from tinylm.config import SampleConfig, check_sample_config, field_docs
 from tinylm.errors import TinylmError
 from tinylm.generate import Piece, encode_prompt
 from tinylm.run import Run, load
@@ -32,7 +36,7 @@ try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from pydantic import BaseModel, Field
+    from pydantic import AliasChoices, BaseModel, Field, create_model
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
     from starlette.exceptions import HTTPException
 except ImportError:
@@ -63,26 +67,47 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(body, status_code=status)
 
 
-class SamplingFields(BaseModel):
-    """What both endpoints accept besides their prompt; the defaults are OpenAI's."""
+# How a request's fields map onto SampleConfig's, which give their types, meaning and check (`check_sample_config`):
+# SampleConfig field -> (the request's names for it, the first winning when both come; its default when left out).
+# A field the request leaves out takes OpenAI's default where OpenAI defines one, so an OpenAI client gets what it
+# expects (not the run's `sample` section, which the playground offers instead); tinylm's own fields default to off.
+REQUEST_FIELDS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "max_new_tokens": (("max_completion_tokens", "max_tokens"), None),  # 16 on /v1/completions, --max-tokens on chats
+    "temperature": (("temperature",), 1.0),
+    "top_p": (("top_p",), 1.0),
+    "stop": (("stop",), None),  # a string or a list of them
+    "seed": (("seed",), None),  # a different text each time
+    "top_k": (("top_k",), None),  # every token, as OpenAI samples
+    "min_p": (("min_p",), 0.0),
+    "repetition_penalty": (("repetition_penalty",), 1.0),
+}
+COMPLETION_MAX_TOKENS = 16
+"""OpenAI's max_tokens when a completion request gives none."""
+
+
+class RequestBase(BaseModel):
+    """What both endpoints accept besides their prompt and the sampling fields."""
 
     model: str
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: str | list[str] | None = None
-    seed: int | None = None
     stream: bool = False
     n: int = 1
-    top_k: int | None = None
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+
+
+def sampling_request_fields() -> dict[str, Any]:
+    """SampleConfig's fields as pydantic fields under their OpenAI names, with their docstrings as descriptions."""
+    hints, docs = get_type_hints(SampleConfig), field_docs(SampleConfig)
+    hints |= {"max_new_tokens": int | None, "stop": str | list[str] | None}  # left out: the defaults above
+    return {
+        name: (hints[name], Field(default, validation_alias=AliasChoices(*aliases), description=docs[name]))
+        for name, (aliases, default) in REQUEST_FIELDS.items()
+    }
+
+
+SamplingFields = create_model("SamplingFields", __base__=RequestBase, **sampling_request_fields())
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
-    max_tokens: int | None = 16
 
 
 class ChatMessage(BaseModel):
@@ -131,34 +156,32 @@ def create_app(run: Run, limits: ServeLimits | None = None, model_name: str | No
         card = {"id": model_name, "object": "model", "created": created, "owned_by": "tinylm"}
         return {"object": "list", "data": [card]}
 
+    page = PLAYGROUND.read_text().replace("{{ sampling }}", playground_sampling(run, limits))
+
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> str:
-        return PLAYGROUND.read_text()
+        return page
 
-    def sampling_for(request: SamplingFields) -> SampleConfig:
+    def sampling_for(request: SamplingFields, max_tokens_left_out: int) -> SampleConfig:
         if request.model != model_name:
             raise APIError(404, f"the model '{request.model}' does not exist; this server has '{model_name}'",
                            "model", "model_not_found")  # fmt: skip
         if request.n != 1:
             raise APIError(400, "n must be 1: ask again for another sample", "n")
-        max_tokens = request.max_completion_tokens or request.max_tokens or limits.max_tokens
-        if not 0 <= max_tokens <= limits.max_tokens:
-            raise APIError(400, f"max_tokens must be between 0 and {limits.max_tokens}, not {max_tokens}", "max_tokens")
-        stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
-        sampling = SampleConfig(
-            max_new_tokens=max_tokens,
-            temperature=request.temperature,
-            top_k=request.top_k,
-            top_p=request.top_p,
-            min_p=request.min_p,
-            repetition_penalty=request.repetition_penalty,
-            stop=stop,
-            seed=request.seed,
-        )
+        values = request.model_dump(include=set(REQUEST_FIELDS))
+        if values["max_new_tokens"] is None:
+            values["max_new_tokens"] = max_tokens_left_out
+        if values["max_new_tokens"] > limits.max_tokens:
+            raise APIError(400, f"max_tokens must be at most {limits.max_tokens} on this server, not "
+                           f"{values['max_new_tokens']}", "max_tokens")  # fmt: skip
+        stop = values["stop"]
+        values["stop"] = [stop] if isinstance(stop, str) else stop or []
+        sampling = SampleConfig(**values)
         try:
             check_sample_config(sampling)
         except TinylmError as error:
-            raise APIError(400, str(error)) from None
+            message = str(error).replace("max_new_tokens", "max_tokens")  # the request's name for it
+            raise APIError(400, message, message.split()[0]) from None  # each message opens with the field's name
         return sampling
 
     def checked_prompt(ids: list[int]) -> list[int]:
@@ -198,7 +221,7 @@ def create_app(run: Run, limits: ServeLimits | None = None, model_name: str | No
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest):
-        sampling = sampling_for(request)
+        sampling = sampling_for(request, COMPLETION_MAX_TOKENS)
         texts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         if not texts:
             raise APIError(400, "prompt is an empty list; give at least one prompt", "prompt")
@@ -224,7 +247,7 @@ def create_app(run: Run, limits: ServeLimits | None = None, model_name: str | No
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatRequest):
-        sampling = sampling_for(request)
+        sampling = sampling_for(request, limits.max_tokens)
         messages = [message.model_dump() for message in request.messages]
         try:
             prompt = checked_prompt(run.chat_prompt(messages))
@@ -250,6 +273,16 @@ def create_app(run: Run, limits: ServeLimits | None = None, model_name: str | No
         return await respond([prompt], sampling, request.stream, chunk, final)
 
     return app
+
+
+def playground_sampling(run: Run, limits: ServeLimits) -> str:
+    """The playground's starting settings, as request fields in JSON: the run's `sample` section (the page is
+    tinylm's own, not an OpenAI client), within this server's max_tokens, and a different text each time, as in chat."""
+    sampling = run.sampling(seed=None)
+    # The last name is the one every OpenAI endpoint takes (max_tokens).
+    values = {names[-1]: getattr(sampling, field) for field, (names, _) in REQUEST_FIELDS.items()}
+    values["max_tokens"] = min(values["max_tokens"], limits.max_tokens)
+    return json.dumps(values).replace("<", "\\u003c")  # inside a <script>: a stop string cannot close it
 
 
 def usage(prompt_tokens: int, pieces: list[Piece]) -> dict[str, int]:
