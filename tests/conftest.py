@@ -28,6 +28,21 @@ SMALL_TEXT = (
 ) * 8
 
 
+# Small instruction sets the tests write: a question about a word, answered by the word in capitals.
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle", "forest", "silver", "garden"]
+
+
+def capitals_examples(n: int) -> list[dict]:
+    return [
+        {
+            "instruction": "Write the word in capitals.",
+            "input": WORDS[i % len(WORDS)],
+            "output": WORDS[i % len(WORDS)].upper(),
+        }
+        for i in range(n)
+    ]
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own cache; the offline mirror beside the project stands in for the network.

@@ -13,7 +13,7 @@ import signal
 import pytest
 import torch
 import yaml
-from conftest import run_cli, tiny_overrides
+from conftest import capitals_examples, run_cli, tiny_overrides
 from safetensors.torch import load_file
 
 import tinylm
@@ -34,19 +34,6 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 NO_DROPOUT = ("resid_pdrop", "embd_pdrop", "attn_pdrop")  # runs that differ only in batching match exactly
-# Small instruction sets the tests write: a question about a word, answered by the word in capitals.
-WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle", "forest", "silver", "garden"]
-
-
-def capitals_examples(n: int) -> list[dict]:
-    return [
-        {
-            "instruction": "Write the word in capitals.",
-            "input": WORDS[i % len(WORDS)],
-            "output": WORDS[i % len(WORDS)].upper(),
-        }
-        for i in range(n)
-    ]
 
 
 def train_cpu(**overrides) -> tinylm.TrainConfig:

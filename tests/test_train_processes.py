@@ -7,10 +7,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from conftest import REPO, capitals_examples, tiny_overrides
 from safetensors.torch import load_file
 
 import tinylm
@@ -108,5 +109,64 @@ def test_torchrun_ddp_then_fsdp_resumed_trains_what_one_process_trains(text_file
     for ours, theirs in zip(steps + evals, expected_steps + expected_evals):
         assert ours == pytest.approx(theirs, rel=1e-5)
     ours, theirs = load_file(shared / "model.safetensors"), load_file(single.run_dir / "model.safetensors")
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def capitals(tmp_path_factory) -> tuple[Path, Path]:
+    """A tinylm base pretrained briefly on the capitals examples as text (byte-level BPE), and the examples."""
+    folder = tmp_path_factory.mktemp("finetune")
+    examples = capitals_examples(60)
+    data = folder / "capitals.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    text = folder / "text.txt"
+    text.write_text(
+        "".join(f"### User:\n{e['instruction']}\n\n{e['input']}\n\n### Assistant:\n{e['output']}\n\n" for e in examples)
+    )
+    overrides = {"data.tokenizer": "bpe:300", "model.block_size": 64, "data.data_dir": str(folder / "data")}
+    base = tinylm.train(tinylm.load_config(None, tiny_overrides(text, folder / "base", **overrides))).run_dir
+    return base, data
+
+
+def finetune_args(base: Path, data: Path, out: Path) -> list[str]:
+    train = {"max_steps": 6, "batch_size": 4, "eval_interval": 3, "log_interval": 1, "warmup_steps": 1}
+    train |= {"learning_rate": 1e-2, "device": "cpu", "seed": 0}
+    options = {"base": base, "data": data, "out": out, "held-out-examples": 8, "max-length": 48, "lora-dropout": 0}
+    return ["finetune", *cli_args(options), *cli_args({f"train.{key}": value for key, value in train.items()})]
+
+
+def fine_tune_records(out: Path) -> list[tuple]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timings = ("elapsed_s", "tokens_per_s", "memory_gb")
+    return [tuple(value for key, value in r.items() if key not in timings) for r in records]
+
+
+def test_a_fine_tune_killed_with_sigkill_resumes_bitwise_identical(capitals, tmp_path):
+    base, data = capitals
+    assert main(finetune_args(base, data, tmp_path / "reference")) == 0
+    killed = tmp_path / "killed"
+    os.environ["KILL_AT_STEP"] = "5"
+    try:
+        run([sys.executable, "-c", KILL_AT_STEP, *finetune_args(base, data, killed)])
+    finally:
+        del os.environ["KILL_AT_STEP"]
+    assert latest_checkpoint(killed).name == "step-0000003"
+    assert main([*finetune_args(base, data, killed), "--resume"]) == 0
+
+    assert fine_tune_records(killed) == fine_tune_records(tmp_path / "reference")
+    ours, theirs = (load_file(out / "adapter_model.safetensors") for out in (killed, tmp_path / "reference"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in theirs)
+
+
+def test_torchrun_fine_tune_matches_one_process(capitals, tmp_path):
+    base, data = capitals
+    assert main(finetune_args(base, data, tmp_path / "single")) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    run([*torchrun, "-m", "tinylm", *finetune_args(base, data, tmp_path / "two")])
+
+    for ours, theirs in zip(fine_tune_records(tmp_path / "two"), fine_tune_records(tmp_path / "single"), strict=True):
+        assert ours == pytest.approx(theirs, rel=1e-5)
+    ours, theirs = (load_file(out / "adapter_model.safetensors") for out in (tmp_path / "two", tmp_path / "single"))
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)

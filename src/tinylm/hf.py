@@ -25,8 +25,7 @@ from torch import nn
 from tinylm.config import Config, DataConfig, ModelConfig
 from tinylm.errors import TinylmError
 from tinylm.model import build_model
-from tinylm.pretrained import PACKAGED_GGUF, packaged_gguf
-from tinylm.run import Run, load
+from tinylm.pretrained import PACKAGED_GGUF, Pretrained, load_tinylm_run, packaged_gguf
 from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, save_weights, staged_output, write_yaml
 from tinylm.tokenizers import (
     END_OF_TEXT,
@@ -327,13 +326,13 @@ def tokenizers_backend(tokenizer: Tokenizer) -> HFTokenizer:
     return backend
 
 
-def hf_tokenizer(run: Run):
+def hf_tokenizer(run: Pretrained):
     """The run's tokenizer as a transformers tokenizer; one imported from Hugging Face keeps its own settings."""
     transformers = _transformers()
     if (run.path / HF_TOKENIZER_CONFIG).is_file():  # chat template, BOS handling, special tokens as published
         return transformers.AutoTokenizer.from_pretrained(str(run.path))
-    backend = tokenizers_backend(run.tokenizer)
-    end = backend.id_to_token(run.tokenizer.end_of_text)
+    backend = tokenizers_backend(run.text_tokenizer)
+    end = backend.id_to_token(run.text_tokenizer.end_of_text)
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=end, eos_token=end, clean_up_tokenization_spaces=False
     )
@@ -411,12 +410,12 @@ def import_model(source: str, out: str | Path, overwrite: bool = False) -> Impor
 def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write `out` as a Hugging Face model folder that AutoModelForCausalLM and AutoTokenizer load."""
     transformers = _transformers()
-    run = load(run_dir, device="cpu")
+    run = load_tinylm_run(Path(run_dir).expanduser(), torch.device("cpu"))
     family = hf_family(run.config.model)
     out = Path(out).expanduser()
     with staged_output(out, "hf", overwrite, inputs=[run.path], option="OUT") as staging:
         tokenizer = hf_tokenizer(run)
-        special_ids = special_token_ids(tokenizer, run.tokenizer.end_of_text)
+        special_ids = special_token_ids(tokenizer, run.text_tokenizer.end_of_text)
         config = hf_config(run.config.model, special_ids)
         model_class = transformers.GPT2LMHeadModel if family == "gpt2" else transformers.LlamaForCausalLM
         hf_model = model_class(config)
@@ -425,7 +424,7 @@ def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> 
             if name.endswith(".bias") and not run.config.model.bias:
                 state.setdefault(name, torch.zeros_like(tensor))  # GPT-2 always has biases: tinylm's are zero
         hf_model.load_state_dict(state, strict=True)
-        end = run.tokenizer.end_of_text
+        end = run.text_tokenizer.end_of_text
         hf_model.generation_config = transformers.GenerationConfig(**special_ids, pad_token_id=end)
         hf_model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
@@ -438,7 +437,7 @@ def export_gguf(run_dir: str | Path, path: str | Path, overwrite: bool = False) 
         import gguf
     except ImportError:
         raise TinylmError(f"GGUF export needs the gguf package: {INSTALL_HINT}") from None
-    run = load(run_dir, device="cpu")
+    run = load_tinylm_run(Path(run_dir).expanduser(), torch.device("cpu"))
     config = run.config.model
     if hf_family(config) != "llama":
         raise TinylmError(
@@ -496,20 +495,20 @@ def export_gguf(run_dir: str | Path, path: str | Path, overwrite: bool = False) 
     return path
 
 
-def gguf_vocabulary(run: Run, vocab_size: int) -> dict[str, Any]:
+def gguf_vocabulary(run: Pretrained, vocab_size: int) -> dict[str, Any]:
     """Tokens, token types, merges and pre-tokenizer name of the run's tokenizer as a llama.cpp byte-level BPE."""
     from gguf import TokenType
 
     tokenizer = hf_tokenizer(run)
     backend = tokenizer.backend_tokenizer
-    spec = run.tokenizer.spec
+    spec = run.text_tokenizer.spec
     description = json.loads(backend.to_str())
     pre = description.get("pre_tokenizer") or {}
     special = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
     vocabulary = backend.get_vocab(with_added_tokens=True)
-    if isinstance(run.tokenizer, CharTokenizer):
+    if isinstance(run.text_tokenizer, CharTokenizer):
         # One token per character is a byte-level BPE without merges while every character is one byte.
-        if any(ord(char) > 127 for char in run.tokenizer.chars):
+        if any(ord(char) > 127 for char in run.text_tokenizer.chars):
             raise TinylmError(
                 "data.tokenizer is char with non-ASCII characters, which GGUF's byte-level vocabulary cannot hold one "
                 "token each; export with --to hf, or train with bpe:N"
@@ -538,5 +537,5 @@ def gguf_vocabulary(run: Run, vocab_size: int) -> dict[str, Any]:
         "merges": merges,
         "pre": "gpt-2",
         "chat_template": chat_template,
-        **special_token_ids(tokenizer, run.tokenizer.end_of_text),
+        **special_token_ids(tokenizer, run.text_tokenizer.end_of_text),
     }

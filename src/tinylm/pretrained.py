@@ -232,6 +232,13 @@ class Pretrained:
     has_chat_template: bool = True
     """Whether the model came with a chat template (else `tokenizer` renders with DEFAULT_CHAT_TEMPLATE, which is
     what a fine-tune teaches it, but the model itself only continues text)."""
+    path: Path | None = None
+    """The folder a tinylm run was loaded from."""
+
+    @property
+    def text_tokenizer(self) -> Tokenizer:
+        """The vocabulary for plain text, where "<|im_end|>" is just characters."""
+        return self.tokenizer.text_tokenizer()
 
 
 def load_pretrained(spec: str, device: torch.device, bits: int | None = None) -> Pretrained:
@@ -293,7 +300,7 @@ def load_tinylm_run(path: Path, device: torch.device) -> Pretrained:
     load_weights(model, path / WEIGHTS_FILE)
     model.eval()
     chat = load_chat_tokenizer(path, tokenizer)
-    return Pretrained("tinylm", model, chat or TinylmChatTokenizer(tokenizer), config, has_chat_template=bool(chat))
+    return Pretrained("tinylm", model, chat or TinylmChatTokenizer(tokenizer), config, bool(chat), path)
 
 
 def packaged_gguf(name: str) -> Path:

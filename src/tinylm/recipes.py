@@ -26,6 +26,7 @@ from tinylm.config import (
     apply_batch_tokens,
     check_config,
     config_from_dict,
+    field_docs,
 )
 from tinylm.errors import TinylmError
 from tinylm.model.presets import MODEL_PRESETS
@@ -132,7 +133,6 @@ def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
 
 def config_reference() -> str:
     """docs/config.md: every key of every section with its type, default and meaning (`make docs` writes it)."""
-    helps = {action.dest: action.help for action in config_parser()._actions}
     lines = [
         "# Config reference",
         "",
@@ -142,9 +142,10 @@ def config_reference() -> str:
     for section, cls in SECTION_NAMES.items():
         lines += ["", f"## `{section}`", "", " ".join((cls.__doc__ or "").split()), ""]
         lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        helps = field_docs(cls)
         for f in fields(cls):
             default = f.default if f.default_factory is MISSING else f.default_factory()  # type: ignore[misc]
-            meaning = " ".join(str(helps.get(f"{section}.{f.name}", "")).split()).replace("|", "\\|")
+            meaning = helps.get(f.name, "").replace("|", "\\|")
             kind = str(f.type).replace("|", "or")
             lines.append(f"| `{section}.{f.name}` | {kind} | `{default!r}` | {meaning} |")
     return "\n".join(lines) + "\n"

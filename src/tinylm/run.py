@@ -172,7 +172,7 @@ def pretrained_run(path: Path, pretrained: Pretrained) -> Run:
     return Run(
         path,
         HuggingFaceLM(model) if pretrained.kind == "hf" else model,
-        pretrained.tokenizer.text_tokenizer(),
+        pretrained.text_tokenizer,
         pretrained.tokenizer if pretrained.has_chat_template else None,
         pretrained.config,
     )
