@@ -22,7 +22,7 @@ from pathlib import Path
 
 import tinylm
 from tinylm.config import FinetuneConfig, finetune_train_defaults
-from tinylm.finetune import finetune
+from tinylm import finetune
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "out/example")
 config = tinylm.load_config(

@@ -39,7 +39,11 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass
 class Run:
+    """A loaded model of any kind `load` takes (not only a run folder: a fine-tune, a Hugging Face model, a GGUF file),
+    ready to generate, stream, reply and evaluate. The name is the user's word for what they trained or fetched."""
+
     path: Path
+    """Where it was loaded from (a folder, a file, a hub name or a packaged model's name)."""
     model: nn.Module
     """Follows tinylm's model interface: model(ids, kv_cache=...) -> (logits, loss); model.config.block_size."""
     tokenizer: Tokenizer
