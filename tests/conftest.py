@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 from importlib.resources import files
 from pathlib import Path
@@ -156,3 +157,17 @@ def small_disk(tmp_path):
     yield mount
     for folder in mounted:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+def interrupt_during_step(monkeypatch, step: int) -> None:
+    """Press Ctrl-C (SIGINT) while the training engine runs optimizer step `step` (counting from 1)."""
+    from tinylm.training.engine import Engine
+
+    original = Engine.train_step
+
+    def ctrl_c_during_the_step(engine):
+        if engine.step + 1 == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(engine)
+
+    monkeypatch.setattr(Engine, "train_step", ctrl_c_during_the_step)

@@ -7,13 +7,11 @@ import dataclasses
 import importlib.util
 import itertools
 import json
-import os
-import signal
 
 import pytest
 import torch
 import yaml
-from conftest import capitals_examples, run_cli, tiny_overrides
+from conftest import capitals_examples, interrupt_during_step, run_cli, tiny_overrides
 from safetensors.torch import load_file
 
 import tinylm
@@ -23,7 +21,6 @@ from tinylm.errors import TinylmError
 from tinylm.pretrained import HuggingFaceChatTokenizer, HuggingFaceLM, load_pretrained
 from tinylm.tokenizers import END_OF_TEXT, HuggingFaceTokenizer
 from tinylm.training import finetune
-from tinylm.training.engine import Engine
 from tinylm.training.tasks.sft import InstructionTuning, attach_trainable, response_nats
 
 transformers = pytest.importorskip("transformers")
@@ -218,17 +215,10 @@ def test_resumed_fine_tune_matches_an_uninterrupted_one(tiny_gpt2, capitals_file
     ))  # fmt: skip
     whole = finetune(config)
     interrupted = dataclasses.replace(config, out=str(tmp_path / "resumed"))
-    original_step = Engine.train_step
-
-    def ctrl_c_during_step_4(engine):
-        if engine.step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original_step(engine)
-
-    monkeypatch.setattr(Engine, "train_step", ctrl_c_during_step_4)
+    interrupt_during_step(monkeypatch, 4)
     with pytest.raises(TinylmError, match="interrupted at step 4"):
         finetune(interrupted)
-    monkeypatch.setattr(Engine, "train_step", original_step)
+    monkeypatch.undo()
     with pytest.raises(TinylmError, match="--resume"):
         finetune(interrupted)
     resumed = finetune(interrupted, resume=True)

@@ -3,13 +3,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import shutil
-import signal
 
 import pytest
 import torch
-from conftest import SMALL_TEXT, tiny_overrides, tree_hashes
+from conftest import SMALL_TEXT, interrupt_during_step, tiny_overrides, tree_hashes
 
 import tinylm
 from tinylm.errors import TinylmError
@@ -106,16 +104,7 @@ def test_an_existing_run_is_kept_unless_overwrite_is_asked(text_file, tmp_path):
 
 
 def test_ctrl_c_finishes_the_step_then_saves_the_training_state(text_file, tmp_path, monkeypatch):
-    from tinylm.training.engine import Engine
-
-    original = Engine.train_step
-
-    def ctrl_c_during_step_7(self):
-        if self.step == 6:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self)
-
-    monkeypatch.setattr(Engine, "train_step", ctrl_c_during_step_7)
+    interrupt_during_step(monkeypatch, 7)
     with pytest.raises(TinylmError, match=r"interrupted at step 7; training state saved in .*tinylm train --resume"):
         train_tiny(text_file, tmp_path / "run")
     assert latest_checkpoint(tmp_path / "run").name == "step-0000007"
