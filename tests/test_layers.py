@@ -122,3 +122,36 @@ def test_the_model_data_and_sampling_load_without_the_recipe_parser(module):
     check = f"import {module}, sys; assert 'jsonargparse' not in sys.modules, 'jsonargparse was imported'"
     result = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# docs/architecture.md's layers, deepest first; a module may import its own layer and those below, never above.
+LAYERS = [
+    ["tinylm.errors"],
+    ["tinylm.runs", "tinylm.device"],
+    ["tinylm.config"],
+    ["tinylm.tokenizers", "tinylm.data", "tinylm.model"],
+    ["tinylm.generate", "tinylm.evaluate"],
+    ["tinylm.pretrained", "tinylm.hf", "tinylm.copy_task"],
+    ["tinylm.training"],
+    ["tinylm.run"],
+    ["tinylm.chat", "tinylm.serve"],
+    ["tinylm.recipes", "tinylm.cli", "tinylm.__main__", "tinylm"],
+]
+
+
+def layer(module: str) -> int:
+    """The layer of `module`: that of the longest prefix listed (tinylm.model.gpt is in tinylm.model's)."""
+    for prefix in sorted((p for names in LAYERS for p in names), key=len, reverse=True):
+        if module == prefix or module.startswith(prefix + "."):
+            return next(i for i, names in enumerate(LAYERS) if prefix in names)
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS and docs/architecture.md")
+
+
+def test_imports_point_down_only():
+    upward = [
+        f"{name} -> {target}"
+        for name, targets in GRAPH.items()
+        for target in sorted(targets)
+        if layer(target) > layer(name)
+    ]
+    assert not upward, "these import a higher layer: " + "; ".join(upward)

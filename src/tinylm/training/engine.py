@@ -318,7 +318,7 @@ class Engine:
             self.say(f"before training: {_scores_text(self.start_scores)}")
         self.model.train()
         self.start = time.perf_counter()
-        self.last_log = (self.step, self.start, 0)
+        self.last_log_time = self.start
         deadline = self.start + parse_duration(t.max_time) if t.max_time else math.inf
         if t.on_nan == "skip" and latest_checkpoint(self.out) is None:
             self.save_checkpoint()  # a good state to go back to from the very start
@@ -455,9 +455,8 @@ class Engine:
 
     def _log_progress(self, loss: float, lr: float, grad_norm: float) -> None:
         now = time.perf_counter()
-        _, last_time, _ = self.last_log
-        tokens_per_s = self.tokens_since_log / (now - last_time)
-        self.last_log, self.tokens_since_log = (self.step, now, 0), 0
+        tokens_per_s = self.tokens_since_log / (now - self.last_log_time)
+        self.last_log_time, self.tokens_since_log = now, 0
         record = {
             "step": self.step,
             "loss": loss,
@@ -495,8 +494,7 @@ class Engine:
             self._write_sample(f"step {self.step}", sample)
         self.say(f"step {self.step}: {_scores_text(scores)}{' (best)' if improved else ''}, {self.elapsed_s:.1f}s")
         # Evaluation time is not training throughput: move the last log mark forward by it.
-        last_step, last_time, _ = self.last_log
-        self.last_log = (last_step, last_time + time.perf_counter() - began, 0)
+        self.last_log_time += time.perf_counter() - began
         patience = self.task.train.patience
         if patience and self.evals_without_improvement >= patience:
             return f"no better val loss in {patience} evaluations"
