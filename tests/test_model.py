@@ -276,3 +276,91 @@ def test_bad_model_options_are_one_line_errors(capsys, options, message):
 
     code, _, err = run_cli(capsys, "train", *options)
     assert code == 1 and message in err and err.startswith("tinylm: error:") and err.count("\n") == 1
+
+
+SPEEDRUN_OPTIONS = {
+    "relu2": {"mlp": "relu2"},
+    "logit-softcap": {"logit_softcap": 2.0},
+    "zero-init-projections": {"zero_init_projections": True},
+    "value-embeddings": {"value_embeddings": True, "n_kv_head": 2},
+    "sliding-window": {"attention_window": 4, "attention_pattern": "SL", **LLAMA_STYLE},
+}
+
+
+@pytest.mark.parametrize("options", SPEEDRUN_OPTIONS.values(), ids=SPEEDRUN_OPTIONS)
+def test_each_speedrun_option_is_causal_caches_exactly_and_is_counted(options):
+    from tinylm.model.budget import parameter_counts
+
+    model = small_gpt(n_head=4, **options)
+    if options.get("zero_init_projections"):  # blocks that are still the identity would pass anything: move them
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+    model.eval()
+    tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(2))
+    changed = tokens.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 50
+    cache = model.new_kv_cache(batch_size=2)
+    with torch.no_grad():
+        full, _ = model(tokens)
+        torch.testing.assert_close(model(changed)[0][:, :10], full[:, :10])
+        pieces = [model(tokens[:, :5], kv_cache=cache)[0], model(tokens[:, 5:9], kv_cache=cache)[0]]
+        pieces += [model(tokens[:, t : t + 1], kv_cache=cache)[0] for t in range(9, 16)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    counted = count_parameters(model)
+    assert {key: counted[key] for key in ("total", "embedding", "non_embedding")} == {
+        key: parameter_counts(model.config)[key] for key in ("total", "embedding", "non_embedding")
+    }
+
+
+def test_the_speedrun_options_compute_what_they_say():
+    tokens = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        capped = small_gpt(logit_softcap=2.0)
+        capped.lm_head.weight.mul_(100)
+        uncapped = capped.lm_head(capped.final_norm(capped.token_embedding(tokens)))
+        assert uncapped.abs().max() > 10 and capped(tokens)[0].abs().max() <= 2.0
+
+        zero = small_gpt(zero_init_projections=True)
+        assert all(not block.attn.proj.weight.any() and not block.mlp.proj.weight.any() for block in zero.blocks)
+        embedded = zero.token_embedding(tokens) + zero.position_embedding(torch.arange(16))
+        torch.testing.assert_close(zero(tokens)[0], zero.lm_head(zero.final_norm(embedded)))  # every block the identity
+
+        relu2 = small_gpt(mlp="relu2").blocks[0].mlp
+        x = torch.randn(1, 3, 32)
+        torch.testing.assert_close(relu2(x), relu2.proj(torch.relu(relu2.fc(x)) ** 2))
+
+        valued = small_gpt(value_embeddings=True)
+        before = valued(tokens)[0]
+        valued.blocks[1].attn.value_embedding.weight.add_(1.0)
+        assert not torch.allclose(valued(tokens)[0], before)
+
+        # Two sliding layers of window 4: position t reads positions t - 6 .. t at most.
+        sliding = small_gpt(attention_window=4, attention_pattern="S", **LLAMA_STYLE).eval()
+        changed = tokens.clone()
+        changed[:, 0] = (changed[:, 0] + 1) % 50
+        delta = (sliding(changed)[0] - sliding(tokens)[0]).abs().amax(dim=-1)[0]
+        assert delta[:7].gt(0).all() and delta[7:].eq(0).all()
+
+
+def test_sliding_layers_count_only_their_window_in_the_flops():
+    from tinylm.model.budget import forward_flops_per_token, parameter_counts
+
+    config = ModelConfig(vocab_size=50, block_size=64, n_layer=4, n_head=2, n_embd=32, attention_window=8,
+                         attention_pattern="SSSL")  # fmt: skip
+    matmul = 2 * parameter_counts(config)["matmul"]
+    assert forward_flops_per_token(config, 64) == matmul + 4 * 2 * 16 * (3 * 8 + 64)
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [({"logit_softcap": 30.0}, "logit_softcap"), ({"value_embeddings": True}, "value_embeddings"),
+     ({"attention_window": 8, "attention_pattern": "SL"}, "attention_window")],
+)  # fmt: skip
+def test_exports_refuse_what_transformers_and_llama_cpp_cannot_compute(options, key):
+    from tinylm.errors import TinylmError
+    from tinylm.hf import hf_family
+
+    with pytest.raises(TinylmError, match=rf"model.{key} is set: .*train without model.{key} to export"):
+        hf_family(ModelConfig(vocab_size=50, **options))
+    assert hf_family(ModelConfig(vocab_size=50, zero_init_projections=True)) == "gpt2"  # an init, not a computation

@@ -86,17 +86,37 @@ class ModelConfig:
     """`layernorm` (GPT-2) or `rmsnorm` (Llama: scales by the root mean square, no centring, no bias)."""
     norm_eps: float = 1e-5
     """Epsilon added inside the norms' square root."""
-    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = "gelu"
     """`gelu`: fc, GELU, proj. `gelu_tanh`: the same with GELU's tanh approximation, as the released GPT-2 weights
-    were trained. `swiglu`: proj(silu(gate(x)) * up(x)) (Llama)."""
+    were trained. `swiglu`: proj(silu(gate(x)) * up(x)) (Llama). `relu2`: proj(relu(fc(x))^2) (Primer; modded-nanogpt,
+    nanochat: cheaper than swiglu at equal FLOPs)."""
     mlp_hidden_size: int | None = None
-    """Width inside the MLP; null: 4 * n_embd for gelu, 8/3 * n_embd rounded up to a multiple of 64 for swiglu
-    (the same parameters as gelu's 4 * n_embd with two matrices)."""
+    """Width inside the MLP; null: 4 * n_embd for gelu and relu2, 8/3 * n_embd rounded up to a multiple of 64 for
+    swiglu (the same parameters as gelu's 4 * n_embd with two matrices)."""
     n_kv_head: int | None = None
     """Key/value heads; null: n_head (multi-head attention); 1: multi-query; between: grouped-query, each k/v head
     shared by n_head / n_kv_head query heads. Must divide n_head."""
     qk_norm: bool = False
     """Normalise queries and keys per head (with `norm`) before attention: steadier training at high learning rates."""
+    logit_softcap: float | None = None
+    """Squash the logits into (-cap, cap) as cap * tanh(logits / cap) (Gemma 2, modded-nanogpt): no logit runs away
+    at high learning rates. null: off."""
+    zero_init_projections: bool = False
+    """Start each block's output projections (attention and MLP) at zero, so that every block starts as the identity
+    and the residual stream as the embedding (modded-nanogpt)."""
+    value_embeddings: bool = False
+    """Give each layer a table of per-token vectors added to its attention values (modded-nanogpt, nanochat):
+    parameters that cost a lookup, not a matrix multiply."""
+    attention_window: int | None = None
+    """How many of the newest positions a sliding layer (S in attention_pattern) attends to; null: none slides."""
+    attention_pattern: str = "L"
+    """Which layers slide, repeated over the depth: S attends to the newest attention_window positions, L to the
+    whole context. `SSSL`: three sliding layers, then a long one, and again (modded-nanogpt, Gemma)."""
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (0-based), or None where it sees the whole context."""
+        slides = self.attention_pattern[layer % len(self.attention_pattern)] == "S"
+        return self.attention_window if slides else None
 
     @property
     def head_dim(self) -> int:
@@ -409,6 +429,17 @@ def check_config(config: Config) -> None:
             raise TinylmError("model.rope_theta and model.norm_eps must be positive")
         if model.mlp_hidden_size is not None and model.mlp_hidden_size < 1:
             raise TinylmError(f"model.mlp_hidden_size must be at least 1 (or null), not {model.mlp_hidden_size}")
+        if model.logit_softcap is not None and not 0 < model.logit_softcap < math.inf:
+            raise TinylmError(f"model.logit_softcap must be a positive number (or null), not {model.logit_softcap}")
+        if not model.attention_pattern or set(model.attention_pattern) - {"S", "L"}:
+            raise TinylmError(
+                f"model.attention_pattern {model.attention_pattern!r} must be letters S (sliding) and L (long), "
+                "e.g. SSSL"
+            )
+        if model.attention_window is not None and model.attention_window < 1:
+            raise TinylmError(f"model.attention_window must be at least 1 (or null), not {model.attention_window}")
+        if "S" in model.attention_pattern and model.attention_window is None:
+            raise TinylmError("model.attention_pattern has sliding layers (S): set model.attention_window")
     if model.block_size < 1:
         raise TinylmError("model.block_size must be at least 1")
     if not 0.0 <= model.dropout < 1.0:

@@ -178,6 +178,17 @@ def hf_family(config: ModelConfig) -> str:
             "model.qk_norm is true: neither GPT2LMHeadModel nor LlamaForCausalLM normalises q and k; "
             "train with model.qk_norm false to export"
         )
+    inexpressible = {
+        "logit_softcap": config.logit_softcap is not None,
+        "value_embeddings": config.value_embeddings,
+        "attention_window": any(config.layer_window(i) is not None for i in range(config.n_layer)),
+    }
+    for key, used in inexpressible.items():
+        if used:
+            raise TinylmError(
+                f"model.{key} is set: neither GPT2LMHeadModel nor LlamaForCausalLM (nor llama.cpp's gpt2 and llama "
+                f"architectures) computes it; train without model.{key} to export"
+            )
     if config.positions == "learned":
         wants = {"norm": "layernorm", "mlp": "gelu" if config.mlp != "gelu_tanh" else "gelu_tanh"}
         if config.kv_heads != config.n_head:

@@ -76,6 +76,8 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
     if config.arch == "bigram":
         return {"total": vocab * vocab, "embedding": vocab * vocab, "non_embedding": 0, "matmul": 0}
     embedding = vocab * width + (config.block_size * width if config.positions == "learned" else 0)
+    if config.value_embeddings:  # tables looked up, not multiplied: embedding parameters
+        embedding += config.n_layer * vocab * config.kv_heads * config.head_dim
     output_layer = vocab * width
     non_embedding = config.n_layer * (block_matrices(config) + block_vectors(config))
     non_embedding += norm_parameters(config, width) + (0 if config.tie_embeddings else output_layer)
@@ -89,10 +91,12 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
 
 
 def forward_flops_per_token(config: ModelConfig, context: int) -> int:
-    """2N for the matrix multiplies plus 4·L·H·Q·T for q·k and the weighted sum of v (PaLM, appendix B)."""
+    """2N for the matrix multiplies plus 4·L·H·Q·T for q·k and the weighted sum of v (PaLM, appendix B), where a
+    sliding layer's T is at most its window."""
     if config.arch == "bigram":
         return 0  # a table lookup
-    attention = 4 * config.n_layer * config.n_head * config.head_dim * context
+    seen = sum(min(context, config.layer_window(layer) or context) for layer in range(config.n_layer))
+    attention = 4 * config.n_head * config.head_dim * seen
     return 2 * parameter_counts(config)["matmul"] + attention
 
 

@@ -5,9 +5,11 @@ tokens -> token embedding (+ learned position embedding) -> n_layer x Block -> n
 Each Block is pre-norm: x + attention(norm(x)), then x + mlp(norm(x)). Attention is causal: position t only sees
 positions <= t, so the logits at t never depend on later tokens.
 
-The flags, each a ModelConfig field: positions learned | rope, norm layernorm | rmsnorm, mlp gelu | gelu_tanh | swiglu,
-n_kv_head (grouped- and multi-query attention), qk_norm, bias, tie_embeddings, dropout. GPT-2 is every default; Llama is
-rope + rmsnorm + swiglu (+ n_kv_head) without biases. A KVCache makes generation one position of work per token.
+The flags, each a ModelConfig field: positions learned | rope, norm layernorm | rmsnorm, mlp gelu | gelu_tanh | swiglu |
+relu2, n_kv_head (grouped- and multi-query attention), qk_norm, bias, tie_embeddings, dropout; and the speedrun
+community's: attention_window with attention_pattern (sliding-window layers), value_embeddings, logit_softcap,
+zero_init_projections. GPT-2 is every default; Llama is rope + rmsnorm + swiglu (+ n_kv_head) without biases. A KVCache
+makes generation one position of work per token.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.window = config.layer_window(layer_index)
+        # Per-token vectors added to the values: a lookup instead of a matrix multiply.
+        kv_width = self.n_kv_head * self.head_dim
+        self.value_embedding = nn.Embedding(config.vocab_size, kv_width) if config.value_embeddings else None
         self.dropout = config.dropout
         # One matrix makes q (n_head heads), k and v (n_kv_head heads each); fewer k/v heads shrink the KV cache.
         qkv_width = (self.n_head + 2 * self.n_kv_head) * self.head_dim
@@ -69,10 +75,17 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, kv_cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        kv_cache: KVCache | None,
+        tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`tokens`, the ids behind x, are read by value embeddings only."""
         batch, time, _ = x.shape
         q, k, v = self.qkv(x).split([self.n_head * self.head_dim, *2 * [self.n_kv_head * self.head_dim]], dim=-1)
+        if self.value_embedding is not None:
+            v = v + self.value_embedding(tokens)
         q = q.view(batch, time, self.n_head, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
         k = k.view(batch, time, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(batch, time, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -88,6 +101,9 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if past and time > 1:
             mask = torch.ones(time, past + time, dtype=torch.bool, device=x.device).tril(past)
+        if self.window is not None and past + time > self.window:  # a sliding layer also forgets the oldest keys
+            causal = torch.ones(time, past + time, dtype=torch.bool, device=x.device).tril(past)
+            mask = causal & ~causal.tril(past - self.window)
         # One fused kernel for softmax(q k^T / sqrt(d) + mask) v: flash attention where the device has it.
         # enable_gqa lets each k/v head serve n_head / n_kv_head consecutive query heads without copying it.
         y = F.scaled_dot_product_attention(
@@ -95,7 +111,7 @@ class CausalSelfAttention(nn.Module):
             k,
             v,
             attn_mask=mask,
-            is_causal=past == 0,
+            is_causal=past == 0 and mask is None,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )
@@ -104,14 +120,15 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """gelu (or gelu_tanh): proj(gelu(fc(x))). swiglu: proj(silu(gate(x)) * up(x)), a learned gate per hidden unit."""
+    """gelu (or gelu_tanh): proj(gelu(fc(x))). swiglu: proj(silu(gate(x)) * up(x)), a learned gate per hidden unit.
+    relu2: proj(relu(fc(x))^2)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden = config.mlp_width
-        self.gated = config.mlp == "swiglu"
+        self.kind = config.mlp
         self.gelu_approximation = "tanh" if config.mlp == "gelu_tanh" else "none"
-        if self.gated:
+        if self.kind == "swiglu":
             self.gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
             self.up = nn.Linear(config.n_embd, hidden, bias=config.bias)
         else:
@@ -121,9 +138,12 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = (
-            F.silu(self.gate(x)) * self.up(x) if self.gated else F.gelu(self.fc(x), approximate=self.gelu_approximation)
-        )
+        if self.kind == "swiglu":
+            hidden = F.silu(self.gate(x)) * self.up(x)
+        elif self.kind == "relu2":
+            hidden = F.relu(self.fc(x)).square()
+        else:
+            hidden = F.gelu(self.fc(x), approximate=self.gelu_approximation)
         return self.dropout(self.proj(hidden))
 
 
@@ -136,9 +156,13 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, kv_cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        kv_cache: KVCache | None,
+        tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rotary, kv_cache)
+        x = x + self.attn(self.attn_norm(x), rotary, kv_cache, tokens)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -162,10 +186,11 @@ class GPT(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2's init for every matrix, the SwiGLU ones too. Each block adds two residual projections to the stream;
         # scaling their init by 1/sqrt(2 * n_layer) keeps the stream's variance the same whatever the depth.
-        # Norms keep torch's init: gain 1, bias 0.
+        # Norms keep torch's init: gain 1, bias 0. zero_init_projections starts those projections at zero instead.
         if isinstance(module, nn.Linear):
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if hasattr(module, "is_residual_projection") else 0.02
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            residual = hasattr(module, "is_residual_projection")
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=0.0 if residual and self.config.zero_init_projections else std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -203,7 +228,10 @@ class GPT(nn.Module):
         rotary = None if self.rotary is None else self.rotary(start, time)
         x = self.dropout(x)
         for block in self.blocks:
-            x = block(x, rotary, kv_cache)
+            x = block(x, rotary, kv_cache, tokens)
         logits = self.lm_head(self.final_norm(x))
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
