@@ -90,3 +90,36 @@ def test_every_field_is_a_documented_key():
 def test_the_config_reference_in_docs_is_current():
     reference = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert reference.read_text() == config_reference(), "docs/config.md is stale: run `make docs`"
+
+
+@pytest.mark.parametrize(
+    ("depth", "n_embd", "n_head", "learning_rate", "batch_size"),
+    [(1, 64, 1, 0.002078, 8), (2, 128, 2, 0.00147, 16), (4, 256, 4, 0.001039, 32), (12, 768, 12, 0.0006, 96)],
+)
+def test_the_depth_dial_derives_sizes_learning_rate_batch_and_token_budget(depth, n_embd, n_head, learning_rate,
+                                                                          batch_size):  # fmt: skip
+    config = load_config(None, {"model.depth": depth})
+    model, train = config.model, config.train
+    assert (model.n_layer, model.n_embd, model.n_head, model.head_dim) == (depth, n_embd, n_head, n_embd // n_head)
+    assert train.learning_rate == learning_rate == pytest.approx(6e-4 * (768 / n_embd) ** 0.5, abs=1e-6)
+    assert train.batch_size == batch_size
+    per_block = 12 * n_embd**2 + 13 * n_embd  # attention 4w² + MLP 8w², with biases and two LayerNorms
+    tokens_per_step = batch_size * model.block_size
+    assert train.max_steps == -(-20 * depth * per_block // tokens_per_step)  # 20 tokens per block parameter
+
+
+def test_keys_set_beside_the_depth_dial_win_and_a_preset_beside_it_is_refused(capsys):
+    config = load_config(None, {"model.depth": 4, "model.n_head": 2, "train.batch_size": 4, "train.max_steps": 10})
+    model, train = config.model, config.train
+    assert (model.n_embd, model.n_head, train.batch_size, train.max_steps) == (256, 2, 4, 10)
+    smaller_batch = load_config(None, {"model.depth": 4, "train.batch_size": 4})
+    default_batch = load_config(None, {"model.depth": 4}).train
+    assert abs(4 * smaller_batch.train.max_steps - 32 * default_batch.max_steps) < 32  # the same tokens in all
+    with pytest.raises(TinylmError, match=r"model\.preset and model\.depth both size the model; choose one"):
+        load_config(None, {"model.depth": 4, "model.preset": "gpt2-124m"})
+    from conftest import run_cli
+
+    code, out, _ = run_cli(capsys, "info", "depth:4", "--vocab-size", "4096")
+    assert code == 0 and "depth dial 4: n_layer 4, n_embd 256, n_head 4; train.learning_rate 0.001039" in out
+    code, _, err = run_cli(capsys, "info", "depth:four")
+    assert code == 1 and "depth:N with a whole number" in err

@@ -97,7 +97,9 @@ def build_parser() -> ArgumentParser:
     info = ArgumentParser(
         exit_on_error=False, description="Parameters, FLOPs per token, KV-cache size and training memory of a model."
     )
-    info.add_argument("model", type=str, help="A model preset (e.g. gpt2-124m), a recipe .yaml or a run folder.")
+    info.add_argument(
+        "model", type=str, help="A model preset (e.g. gpt2-124m), depth:N (the depth dial), a recipe or a run folder."
+    )
     info.add_argument("--batch-size", type=int | None, default=None, help="Sequences per step (default: the config's).")
     info.add_argument("--block-size", type=int | None, default=None, help="Context length (default: the model's).")
     info.add_argument(
@@ -358,8 +360,32 @@ def run_info(args) -> int:
             "characters, 50257 for gpt2)"
         )
     budget = model_budget(config.model, config.train.batch_size, args.precision, config.train.optimizer)
-    print(json.dumps(budget.to_dict()) if args.json else format_budget(args.model, config.model, budget))
+    dial = depth_dial(config) if config.model.depth is not None else None
+    if args.json:
+        print(json.dumps({**budget.to_dict(), **({"depth_dial": dial} if dial else {})}))
+        return 0
+    print(format_budget(args.model, config.model, budget))
+    if dial:
+        print(
+            f"depth dial {config.model.depth}: n_layer {dial['n_layer']}, n_embd {dial['n_embd']}, n_head "
+            f"{dial['n_head']}; train.learning_rate {dial['learning_rate']:g}, train.batch_size {dial['batch_size']}, "
+            f"train.max_steps {dial['max_steps']:,} ({dial['tokens']:,} tokens)"
+        )
     return 0
+
+
+def depth_dial(config: Config) -> dict[str, int | float]:
+    """What model.depth set, as the run will use it."""
+    model, train = config.model, config.train
+    return {
+        "n_layer": model.n_layer,
+        "n_embd": model.n_embd,
+        "n_head": model.n_head,
+        "learning_rate": train.learning_rate,
+        "batch_size": train.batch_size,
+        "max_steps": train.max_steps,
+        "tokens": train.max_steps * train.batch_size * model.block_size,
+    }
 
 
 def run_export(args) -> int:

@@ -58,6 +58,10 @@ class ModelConfig:
 
     preset: str | None = None
     """A named model (`bigram`, `nanogpt-shakespeare-char`, ...), or null to set every field here."""
+    depth: int | None = None
+    """One size dial: n_layer = depth, n_embd = 64 * depth, n_head = n_embd / 64, and the train section's
+    learning_rate, batch_size and max_steps (20 tokens per block parameter) from the rules in docs/train.md; keys
+    set beside it win. null: set the sizes yourself."""
     arch: Literal["gpt", "bigram", "seq2seq"] = "gpt"
     """`gpt`: decoder-only Transformer. `bigram`: one embedding lookup from token to next-token logits. `seq2seq`:
     the encoder-decoder Transformer (n_layer encoder and n_layer decoder layers), trained on the `task` section."""
@@ -429,6 +433,8 @@ def check_config(config: Config) -> None:
             raise TinylmError("model.rope_theta and model.norm_eps must be positive")
         if model.mlp_hidden_size is not None and model.mlp_hidden_size < 1:
             raise TinylmError(f"model.mlp_hidden_size must be at least 1 (or null), not {model.mlp_hidden_size}")
+        if model.depth is not None and model.depth < 1:
+            raise TinylmError(f"model.depth must be at least 1 (or null), not {model.depth}")
         if model.logit_softcap is not None and not 0 < model.logit_softcap < math.inf:
             raise TinylmError(f"model.logit_softcap must be a positive number (or null), not {model.logit_softcap}")
         if not model.attention_pattern or set(model.attention_pattern) - {"S", "L"}:

@@ -8,12 +8,12 @@ recipe's model keys. `config_reference` writes docs/config.md from the same data
 from __future__ import annotations
 
 import difflib
+import math
 import re
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from tinylm.config import (
@@ -29,6 +29,7 @@ from tinylm.config import (
     field_docs,
 )
 from tinylm.errors import TinylmError
+from tinylm.model.budget import block_matrices, block_vectors
 from tinylm.model.presets import MODEL_PRESETS
 from tinylm.runs import CONFIG_FILE, read_yaml
 
@@ -68,14 +69,20 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | dict[st
 
 
 def config_of_model(target: str) -> Config:
-    """The config behind a model preset name, a recipe file, or a run folder (the config.yaml `tinylm train` wrote)."""
+    """The config behind a model preset name, `depth:N` (the depth dial), a recipe file, or a run folder (the
+    config.yaml `tinylm train` wrote)."""
     path = Path(target)
     if path.is_dir():
-        if not (path / "config.yaml").is_file():
-            raise TinylmError(f"{target} holds no config.yaml; give a model preset, a recipe or a run folder")
-        return config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+        if not (path / CONFIG_FILE).is_file():
+            raise TinylmError(f"{target} holds no {CONFIG_FILE}; give a model preset, a recipe or a run folder")
+        return config_from_dict(read_yaml(path / CONFIG_FILE))
     if path.is_file():
         return load_config(path)
+    if target.startswith("depth:"):
+        depth = target.removeprefix("depth:")
+        if not depth.isdigit():
+            raise TinylmError(f"'{target}': give the depth dial as depth:N with a whole number N, e.g. depth:6")
+        return resolve_config({"model": {"depth": int(depth)}})
     if target not in MODEL_PRESETS:
         raise TinylmError(
             f"'{target}' is not a model preset, recipe or run folder{_did_you_mean(target, MODEL_PRESETS)}"
@@ -99,25 +106,69 @@ def parse_user_values(parser: ArgumentParser, args: list[str]) -> dict[str, Any]
 
 
 def resolve_config(user_values: dict[str, Any], parser: ArgumentParser | None = None) -> Config:
-    """Layer defaults, the model preset and the user's values, and check the result."""
+    """Layer defaults, the model preset (or the depth dial's sizes) and the user's values, and check the result."""
     for section, value in user_values.items():
         if section in SECTION_NAMES and not isinstance(value, dict):
             raise TinylmError(f"config section '{section}' must be a mapping of keys to values, not {value!r}")
     model = user_values.get("model", {})
-    preset = model.get("preset")
+    preset, depth = model.get("preset"), model.get("depth")
+    if preset is not None and depth is not None:
+        raise TinylmError("model.preset and model.depth both size the model; choose one")
     if preset is not None:
         if preset not in MODEL_PRESETS:
             raise TinylmError(f"unknown model preset '{preset}'{_did_you_mean(preset, MODEL_PRESETS)}")
         user_values = {**user_values, "model": {**MODEL_PRESETS[preset], **model}}
+    if isinstance(depth, int) and depth >= 1:
+        user_values = {**user_values, "model": {**depth_sizes(depth), **model}}
     parser = parser or config_parser()
     try:
         config = parser.instantiate(parser.parse_object(user_values))
     except Exception as error:
         raise TinylmError(explain_parse_error(str(error))) from None
     config = Config(**{key: value for key, value in vars(config).items() if key in _field_names(Config)})
-    config = apply_batch_tokens(config, "batch_size" in user_values.get("train", {}))
+    train_given = user_values.get("train", {})
+    config = apply_depth(config, set(train_given))
+    config = apply_batch_tokens(config, "batch_size" in train_given)
+    if config.model.depth is not None and "max_steps" not in train_given:
+        config = replace(config, train=replace(config.train, max_steps=depth_steps(config)))
     check_config(config)
     return config
+
+
+# The depth dial's scaling rules (docs/train.md, "One size dial"), after nanochat's: the width grows with the depth
+# at a fixed aspect ratio, heads keep a fixed size, AdamW's learning rate falls as 1 / sqrt(width) from GPT-2 small's
+# 6e-4 at 768 wide, and the run sees 20 tokens per block parameter (Chinchilla's ratio).
+DEPTH_ASPECT_RATIO = 64
+"""n_embd per layer."""
+DEPTH_HEAD_DIM = 64
+DEPTH_SEQUENCES_PER_LAYER = 8
+"""batch_size = 8 sequences per layer."""
+TOKENS_PER_PARAMETER = 20
+
+
+def depth_sizes(depth: int) -> dict[str, int]:
+    """The model sizes of model.depth."""
+    width = DEPTH_ASPECT_RATIO * depth
+    return {"n_layer": depth, "n_embd": width, "n_head": max(1, width // DEPTH_HEAD_DIM)}
+
+
+def apply_depth(config: Config, train_given: set[str]) -> Config:
+    """The train settings of a model sized by model.depth, under the ones the user gave."""
+    if config.model.depth is None:
+        return config
+    derived = {
+        "learning_rate": round(6e-4 * math.sqrt(768 / config.model.n_embd), 6),
+        "batch_size": DEPTH_SEQUENCES_PER_LAYER * config.model.depth,
+    }
+    derived = {key: value for key, value in derived.items() if key not in train_given}
+    return replace(config, train=replace(config.train, **derived))
+
+
+def depth_steps(config: Config) -> int:
+    """Steps of the run's batch that see 20 tokens per block parameter."""
+    model = config.model
+    tokens = TOKENS_PER_PARAMETER * model.n_layer * (block_matrices(model) + block_vectors(model))
+    return max(1, math.ceil(tokens / (config.train.batch_size * model.block_size)))
 
 
 def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
