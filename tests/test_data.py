@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 
@@ -10,13 +11,14 @@ import torch
 from conftest import run_cli, tiny_overrides
 
 import tinylm
-from tinylm.config import DataConfig
+from tinylm.config import DataConfig, ModelConfig
 from tinylm.data import prepare as prepare_module
 from tinylm.data import sources
 from tinylm.data.documents import open_source, read_text, read_wikitext
-from tinylm.data.loader import TokenShards
+from tinylm.data.loader import PackedRows, TokenShards
 from tinylm.data.prepare import prepare, token_dtype
 from tinylm.errors import TinylmError
+from tinylm.model import build_model
 from tinylm.tokenizers import CharTokenizer, train_tokenizer
 
 STORIES = [f"Story {i}: Tom saw a {'big ' * (i % 4)}dog. 🙂 It was fun.\nThe end." for i in range(40)]
@@ -329,3 +331,73 @@ def test_train_prepares_tinystories_with_a_trained_bpe_on_first_use(needs_mirror
     assert run.tokenizer.spec == "bpe:512" and run.config.model.vocab_size == 512
     assert (result.run_dir / "tokenizer.json").is_file()
     assert re.match(r"Once upon a time", result.sample)
+
+
+def packed_rows(tmp_path, lengths: list[int], block_size: int, seed: int = 0) -> PackedRows:
+    """Documents of these lengths (tokens 1..9, each followed by end-of-text 0) in one shard file, packed."""
+    rng = np.random.default_rng(0)
+    tokens = np.concatenate([np.append(rng.integers(1, 10, n), 0) for n in lengths]).astype(np.uint16)
+    path = tmp_path / "train_0000.bin"
+    tokens.tofile(path)
+    return PackedRows(TokenShards([path], np.dtype(np.uint16)), 0, block_size, seed)
+
+
+def test_packed_rows_hold_every_token_once_per_epoch_and_start_at_document_starts(tmp_path):
+    lengths = [int(n) for n in np.random.default_rng(1).integers(1, 40, 300)] + [70, 95]  # two longer than a row
+    packed = packed_rows(tmp_path, lengths, block_size=32)
+    tokens = packed.split.shards[0]
+    document_starts = {0, *(np.flatnonzero(np.asarray(tokens) == 0)).tolist()}
+    for epoch in (0, 1):
+        rows = packed.epoch(epoch)
+        covered = sorted(p for row in rows for _, start, length in row for p in range(start, start + length))
+        assert covered == list(range(len(tokens)))  # every token once
+        assert all(sum(length for _, _, length in row) <= 32 for row in rows)
+        assert sum(sum(length for _, _, length in row) == 32 for row in rows) >= len(rows) - 2  # full but the last
+        mid_document = sum(length for row in rows for _, start, length in row if start not in document_starts)
+        assert mid_document < 0.1 * len(tokens)  # the rest of a cut, and the long documents' later pieces
+        assert sum(row[0][1] in document_starts for row in rows) > 0.9 * len(rows)
+    assert packed.epoch(0) != packed.epoch(1)  # each epoch its own shuffle
+    assert packed_rows(tmp_path, lengths, block_size=32).epoch(1) == packed.epoch(1)  # the seed alone decides
+
+
+def test_packed_batches_predict_each_true_next_token_and_number_the_documents(tmp_path):
+    packed = packed_rows(tmp_path, [5, 3, 9, 2, 30, 4], block_size=16)
+    tokens = np.asarray(packed.split.shards[0]).astype(np.int64)
+    rows = packed.epoch(0)
+    inputs, targets, documents = packed.batch(0, len(rows) + 1)  # one row into the next epoch
+    assert inputs.shape == targets.shape == documents.shape == (len(rows) + 1, 16)
+    for i, row in enumerate(rows):
+        position = 0
+        for document, (_, start, length) in enumerate(row):
+            assert inputs[i, position : position + length].tolist() == tokens[start : start + length].tolist()
+            following = tokens[start + 1 : start + length + 1].tolist()
+            assert targets[i, position : position + len(following)].tolist() == following
+            assert documents[i, position : position + length].eq(document).all()
+            position += length
+        assert targets[i, position:].eq(-1).all() and (position == 16 or documents[i, position:].gt(document).all())
+    next_epoch = np.concatenate([tokens[start : start + length] for _, start, length in packed.epoch(1)[0]])
+    assert inputs[-1, : len(next_epoch)].tolist() == next_epoch.tolist()  # row len(rows) is epoch 1's first
+    _, half, _ = packed.batch(0, 4, rows=slice(2, 4))
+    assert torch.equal(half, targets[2:4])
+
+
+def test_attention_stays_inside_each_packed_document():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=16)).eval()
+    tokens = torch.randint(1, 20, (1, 16))
+    documents = torch.tensor([[0] * 6 + [1] * 10])
+    changed = tokens.clone()
+    changed[0, :6] = (changed[0, :6] + 1) % 20
+    with torch.no_grad():
+        separate, mixed = model(tokens, documents=documents)[0], model(tokens)[0]
+        torch.testing.assert_close(model(changed, documents=documents)[0][:, 6:], separate[:, 6:])
+        assert not torch.allclose(model(changed)[0][:, 6:], mixed[:, 6:])  # without documents it would leak
+        torch.testing.assert_close(separate[:, :6], mixed[:, :6])  # the first document sees the same either way
+
+
+def test_training_on_packed_documents_lowers_the_loss(text_file, tmp_path):
+    overrides = tiny_overrides(text_file, tmp_path / "run", **{"data.packing": "bos", "train.log_interval": 1})
+    result = tinylm.train(tinylm.load_config(None, overrides))
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] and math.isfinite(result.best_val_loss)

@@ -48,6 +48,10 @@ class DataConfig:
     """Most tokens in one shard file."""
     token_dtype: Literal["auto", "uint16", "uint32"] = "auto"
     """Integer type of the token files; auto picks uint16 when the vocabulary fits in it."""
+    packing: Literal["random", "bos"] = "random"
+    """How training rows are cut from the token files: `random`, windows at random positions that run across
+    document boundaries (nanoGPT); `bos`, rows that each start at a document's start, documents packed into them
+    best-fit, attention kept inside each document (modded-nanogpt, nanochat)."""
     encoding_errors: Literal["strict", "replace"] = "strict"
     """`strict` stops at bytes that are not UTF-8; `replace` puts U+FFFD in their place and goes on."""
 

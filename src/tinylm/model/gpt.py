@@ -80,8 +80,10 @@ class CausalSelfAttention(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
         kv_cache: KVCache | None,
         tokens: torch.Tensor | None = None,
+        same_document: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`tokens`, the ids behind x, are read by value embeddings only."""
+        """`tokens`, the ids behind x, are read by value embeddings only; `same_document` (B, 1, T, T), True where
+        two positions are in one document, keeps attention inside documents (data.packing: bos)."""
         batch, time, _ = x.shape
         q, k, v = self.qkv(x).split([self.n_head * self.head_dim, *2 * [self.n_kv_head * self.head_dim]], dim=-1)
         if self.value_embedding is not None:
@@ -101,9 +103,11 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if past and time > 1:
             mask = torch.ones(time, past + time, dtype=torch.bool, device=x.device).tril(past)
-        if self.window is not None and past + time > self.window:  # a sliding layer also forgets the oldest keys
+        if (self.window is not None and past + time > self.window) or same_document is not None:
             causal = torch.ones(time, past + time, dtype=torch.bool, device=x.device).tril(past)
-            mask = causal & ~causal.tril(past - self.window)
+            if self.window is not None:  # a sliding layer also forgets the oldest keys
+                causal = causal & ~causal.tril(past - self.window)
+            mask = causal if same_document is None else causal & same_document
         # One fused kernel for softmax(q k^T / sqrt(d) + mask) v: flash attention where the device has it.
         # enable_gqa lets each k/v head serve n_head / n_kv_head consecutive query heads without copying it.
         y = F.scaled_dot_product_attention(
@@ -161,8 +165,9 @@ class Block(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
         kv_cache: KVCache | None,
         tokens: torch.Tensor | None = None,
+        same_document: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rotary, kv_cache, tokens)
+        x = x + self.attn(self.attn_norm(x), rotary, kv_cache, tokens, same_document)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -208,12 +213,18 @@ class GPT(nn.Module):
         )
 
     def forward(
-        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        documents: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) for token ids (B, T); with targets (B, T), also the mean cross-entropy in nats.
+        """Logits (B, T, vocab) for token ids (B, T); with targets (B, T), also the mean cross-entropy in nats
+        (targets -1 predict nothing).
 
         With a kv_cache the tokens continue the cached ones: they take the next positions and attend to everything
-        cached before them, and the cache grows by T.
+        cached before them, and the cache grows by T. `documents` (B, T) numbers the documents packed in each row:
+        a position attends only to earlier positions of its own document.
         """
         time = tokens.shape[1]
         if kv_cache is not None:
@@ -227,8 +238,9 @@ class GPT(nn.Module):
             x = x + self.position_embedding(torch.arange(start, start + time, device=tokens.device))
         rotary = None if self.rotary is None else self.rotary(start, time)
         x = self.dropout(x)
+        same_document = None if documents is None else (documents[:, None, :, None] == documents[:, None, None, :])
         for block in self.blocks:
-            x = block(x, rotary, kv_cache, tokens)
+            x = block(x, rotary, kv_cache, tokens, same_document)
         logits = self.lm_head(self.final_norm(x))
         if self.config.logit_softcap is not None:
             cap = self.config.logit_softcap

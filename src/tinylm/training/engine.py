@@ -108,9 +108,10 @@ class Task(ABC):
         folder of a new output or the output itself when a run resumes."""
 
     @abstractmethod
-    def batch(self, step: int, generator: torch.Generator, rows: slice) -> Batch:
-        """This process's `rows` of the train.batch_size rows of optimizer step `step` (`generator` is the
-        engine's batch generator, saved in checkpoints)."""
+    def batch(self, index: int, generator: torch.Generator, rows: slice) -> Batch:
+        """This process's `rows` of the train.batch_size rows of the `index`-th batch drawn (the step, unless
+        on_nan skip went back to a checkpoint and left the bad batches behind). Draw from `index` or from
+        `generator` (the engine's batch generator): both are saved in checkpoints."""
 
     @abstractmethod
     def targets(self, micro_batch: Batch) -> int:
@@ -271,6 +272,7 @@ class Engine:
         self.schedulers = build_schedulers(self.optimizers, t)
 
         self.step = 0
+        self.batches_drawn = 0
         self.tokens_since_log = 0
         self.best: dict[str, float] | None = None
         self.start_scores: dict[str, float] | None = None
@@ -382,7 +384,8 @@ class Engine:
     def train_step(self) -> tuple[float, float, int]:
         """One optimizer step. Returns the loss (mean over the step's predictions), the gradient norm before
         clipping and the number of tokens the model read."""
-        batch = self.task.batch(self.step, self.batch_generator, self.rows)
+        batch = self.task.batch(self.batches_drawn, self.batch_generator, self.rows)
+        self.batches_drawn += 1
         micro_batches = self.task.micro_batches(batch, self.micro_batch_size)
         counts = torch.tensor([float(self.task.targets(m)) for m in micro_batches], device=self.device)
         # Each process's summed loss over all predictions of the step, all processes together: DDP then averages.
@@ -445,9 +448,10 @@ class Engine:
                 "train.warmup_steps (keep train.grad_clip on), or pass --train.on-nan skip to go back to the last "
                 "checkpoint and continue past those batches"
             )
-        batches_now = self.batch_generator.get_state()
+        batches_now, drawn = self.batch_generator.get_state(), self.batches_drawn
         self.restore(checkpoint_path)
         self.batch_generator.set_state(batches_now)  # skip the batches that led to the NaN
+        self.batches_drawn = drawn
         self.rollbacks += 1
         self.tracker.rewind(self.step)
         self.tracker.log({"step": self.step, "rolled_back_to": self.step, "bad_loss": str(loss)})
@@ -530,6 +534,7 @@ class Engine:
         }
         info = {
             "best": self.best,
+            "batches_drawn": self.batches_drawn,
             "evals_without_improvement": self.evals_without_improvement,
             "elapsed_s": self.elapsed_before + time.perf_counter() - self.start,
             "world_size": self.processes.world_size,
@@ -554,6 +559,7 @@ class Engine:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.batch_generator.set_state(state["batch_rng"])
         self.step = info["step"]
+        self.batches_drawn = info["batches_drawn"]
         self.best = info["best"]
         self.evals_without_improvement = info["evals_without_improvement"]
         self.elapsed_before = self.elapsed_s = info["elapsed_s"]

@@ -63,7 +63,7 @@ class CopyTraining(Task):
     def resume_command(self) -> str:
         return f"`tinylm train --resume {self.out}`"
 
-    def batch(self, step: int, generator: torch.Generator, rows: slice) -> Batch:
+    def batch(self, index: int, generator: torch.Generator, rows: slice) -> Batch:
         return tuple(tensor[rows] for tensor in self.task.train_batch(self.train.batch_size, generator))
 
     def targets(self, micro_batch: Batch) -> int:

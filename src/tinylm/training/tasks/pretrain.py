@@ -1,10 +1,11 @@
 """Pretraining: a language model learns to predict the next token of the prepared text.
 
-A batch is train.batch_size windows of model.block_size + 1 tokens drawn at random from the train split's shards;
-the loss is the cross-entropy of every next token. Each evaluation measures the mean loss on fixed batches of the
-train and val splits (the same batches every time, so two evaluations differ only by the weights) and continues the
-recipe's sample prompt. The run folder gets config.yaml, the tokenizer, model.safetensors (best by val loss),
-checkpoints/, metrics.jsonl, loss.png and samples.txt.
+A batch is train.batch_size windows of model.block_size + 1 tokens drawn at random from the train split's shards,
+or, with data.packing bos, train.batch_size rows of documents packed from their starts (data/loader.py PackedRows),
+attention kept inside each document; the loss is the cross-entropy of every next token. Each evaluation measures the
+mean loss on fixed batches of the train and val splits (the same batches every time, so two evaluations differ only
+by the weights) and continues the recipe's sample prompt. The run folder gets config.yaml, the tokenizer,
+model.safetensors (best by val loss), checkpoints/, metrics.jsonl, loss.png and samples.txt.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from tinylm.config import Config, TrainConfig
-from tinylm.data.loader import TokenShards
+from tinylm.data.loader import PackedRows, TokenShards
 from tinylm.data.prepare import prepare
 from tinylm.errors import TinylmError
 from tinylm.generate import encode_prompt, stream_text
@@ -52,6 +53,12 @@ class Pretraining(Task):
             )
         self.config = config = replace(config, model=replace(config.model, vocab_size=vocab_size))
         self.splits: dict[str, TokenShards] = {name: data.split(name) for name in ("train", "val")}
+        block_size, seed, end = config.model.block_size, self.train.seed, self.tokenizer.end_of_text
+        self.packed = None
+        if config.data.packing == "bos":  # the val rows packed with their own seed, like the random eval batches
+            self.packed = {
+                name: PackedRows(split, end, block_size, seed + (name == "val")) for name, split in self.splits.items()
+            }
         for name, split in self.splits.items():
             if len(split) <= config.model.block_size:
                 raise TinylmError(
@@ -73,25 +80,34 @@ class Pretraining(Task):
     def resume_command(self) -> str:
         return f"`tinylm train --resume {self.out}`"
 
-    def batch(self, step: int, generator: torch.Generator, rows: slice) -> Batch:
-        return self.splits["train"].sample_batch(self.train.batch_size, self.config.model.block_size, generator, rows)
+    def batch(self, index: int, generator: torch.Generator, rows: slice) -> Batch:
+        size = self.train.batch_size
+        if self.packed:
+            return self.packed["train"].batch(index * size, size, rows)
+        return self.splits["train"].sample_batch(size, self.config.model.block_size, generator, rows)
 
     def targets(self, micro_batch: Batch) -> int:
-        return micro_batch[1].numel()
+        return int((micro_batch[1] != -1).sum())
 
     def loss(self, forward: Forward, micro_batch: Batch) -> torch.Tensor:
-        inputs, targets = micro_batch
-        _, loss = forward(inputs, targets)
-        return loss * targets.numel()
+        inputs, targets, *documents = micro_batch
+        _, loss = forward(inputs, targets, documents=documents[0]) if documents else forward(inputs, targets)
+        return loss * (targets != -1).sum()
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
         if self.eval_batches is None:
             fixed = torch.Generator().manual_seed(self.train.seed + 1)
-            size, block_size = self.train.batch_size, self.config.model.block_size
-            self.eval_batches = {
-                name: [split.sample_batch(size, block_size, fixed, engine.rows) for _ in range(self.train.eval_batches)]
-                for name, split in self.splits.items()
-            }
+            size, block_size, count = self.train.batch_size, self.config.model.block_size, self.train.eval_batches
+            if self.packed:
+                self.eval_batches = {
+                    name: [packed.batch(i * size, size, engine.rows) for i in range(count)]
+                    for name, packed in self.packed.items()
+                }
+            else:
+                self.eval_batches = {
+                    name: [split.sample_batch(size, block_size, fixed, engine.rows) for _ in range(count)]
+                    for name, split in self.splits.items()
+                }
         return {f"{name}_loss": engine.mean_loss(batches) for name, batches in self.eval_batches.items()}
 
     def sample(self, model: nn.Module) -> str:

@@ -113,8 +113,8 @@ class InstructionTuning(Task):
     def checkpoint_activations(self, model: nn.Module) -> None:
         """Done by attach_trainable, before peft wraps the model (a Hugging Face model has its own switch)."""
 
-    def batch(self, step: int, generator: torch.Generator, rows: slice) -> Batch:
-        return self.train_set.training_batch(step, self.train.batch_size, self.train.seed, rows)
+    def batch(self, index: int, generator: torch.Generator, rows: slice) -> Batch:
+        return self.train_set.training_batch(index, self.train.batch_size, self.train.seed, rows)
 
     def micro_batches(self, batch: Batch, size: int) -> list[Batch]:
         """Each micro-batch cut after its last labelled column: a causal model's loss on the tokens before does not
