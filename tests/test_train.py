@@ -209,3 +209,30 @@ def test_a_full_disk_leaves_the_previous_run_whole_and_no_empty_config(text_file
         assert "\n" not in str(error.value)
         assert tree_hashes(run) == before and (run / "config.yaml").stat().st_size > 0
         assert sorted(p.name for p in disk.iterdir()) == ["run"]
+
+
+def test_distillation_measures_kl_from_the_teacher_and_teaches_toward_it(text_file, tmp_path):
+    from tinylm.training.tasks.pretrain import distillation_nats
+
+    logits = torch.randn(2, 5, 12)
+    predicting = torch.ones(2, 5, dtype=torch.bool)
+    assert distillation_nats(logits, logits, predicting, 2.0, 10).item() == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(2, 5, 12)
+    kl = torch.nn.functional.kl_div(other[..., :10].log_softmax(-1), logits[..., :10].log_softmax(-1),
+                                    log_target=True, reduction="sum")  # fmt: skip
+    assert distillation_nats(other, logits, predicting, 1.0, 10).item() == pytest.approx(kl.item(), rel=1e-5)
+
+    teacher = train_tiny(text_file, tmp_path / "teacher", **{"train.max_steps": 60, "train.learning_rate": 3e-3})
+    taught = {"train.teacher": str(teacher.run_dir), "train.distill_weight": 1.0, "train.learning_rate": 3e-3}
+    student = train_tiny(text_file, tmp_path / "student", **taught)  # learns from the teacher's distributions alone
+    records = [json.loads(line) for line in (student.run_dir / "metrics.jsonl").read_text().splitlines()]
+    val_losses = [r["val_loss"] for r in records if "val_loss" in r]
+    assert val_losses[-1] < val_losses[0] - 0.05 and val_losses[-1] < 3.0  # learned the text without its targets
+
+    with pytest.raises(TinylmError, match=r"distill_weight and train\.distill_temperature need a train\.teacher"):
+        tinylm.load_config(None, {"train.distill_weight": 0.9})
+    other_text = tmp_path / "other.txt"
+    other_text.write_text("zyxwvutsrq 0123456789\n" * 300)
+    stranger = train_tiny(other_text, tmp_path / "stranger", **{"train.max_steps": 1})
+    with pytest.raises(TinylmError, match=r"tokenizes text differently from data\.tokenizer char"):
+        train_tiny(text_file, tmp_path / "refused", **{"train.teacher": str(stranger.run_dir)})

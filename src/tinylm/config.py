@@ -221,6 +221,13 @@ class TrainConfig:
     """`auto` (cuda, then mps, then cpu), or a torch device such as `cpu` or `cuda:1`."""
     threads: int | None = None
     """CPU threads for torch (null: torch's default, one per core)."""
+    teacher: str | None = None
+    """Distillation: a model whose next-token distributions the student also learns (anything `tinylm.load` takes
+    that shares the student's tokenizer: a run, a Hugging Face folder, a .gguf, smollm2-135m-instruct). null: none."""
+    distill_weight: float = 0.5
+    """With a teacher: the loss is (1 - w) * cross-entropy + w * T^2 * KL(teacher || student) at temperature T."""
+    distill_temperature: float = 1.0
+    """With a teacher: the temperature T both distributions are softened by (Hinton et al. 2015)."""
 
 
 @dataclass
@@ -478,6 +485,14 @@ def check_config(config: Config) -> None:
     for key in ("learning_rate", "muon_lr"):
         if getattr(train, key) <= 0:
             raise TinylmError(f"train.{key} must be positive, not {getattr(train, key)}")
+    untaught = TrainConfig()
+    distilling = (train.distill_weight, train.distill_temperature)
+    if train.teacher is None and distilling != (untaught.distill_weight, untaught.distill_temperature):
+        raise TinylmError("train.distill_weight and train.distill_temperature need a train.teacher to learn from")
+    if not 0.0 <= train.distill_weight <= 1.0:
+        raise TinylmError(f"train.distill_weight must be in [0, 1], not {train.distill_weight}")
+    if not 0.0 < train.distill_temperature < math.inf:
+        raise TinylmError(f"train.distill_temperature must be a positive number, not {train.distill_temperature}")
     check_sample_config(config.sample, "sample.")
     if model.arch == "seq2seq":
         check_task_config(config)

@@ -32,6 +32,7 @@ class CopyTraining(Task):
         "batch_tokens": "sequences have random lengths; set train.batch_size",
         "eval_batches": "every held-out sequence is evaluated; set task.val_sequences",
         "activation_checkpointing": "the seq2seq model is small enough without it",
+        "teacher": "distillation teaches a language model; train the copy task without it",
     }
 
     def __init__(self, config: Config):

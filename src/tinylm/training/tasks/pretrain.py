@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tinylm.config import Config, TrainConfig
@@ -23,8 +24,9 @@ from tinylm.data.prepare import prepare
 from tinylm.errors import TinylmError
 from tinylm.generate import encode_prompt, stream_text
 from tinylm.model import build_model, count_parameters
+from tinylm.pretrained import HuggingFaceLM, load_pretrained
 from tinylm.runs import CONFIG_FILE, write_yaml
-from tinylm.tokenizers import load_tokenizer
+from tinylm.tokenizers import Tokenizer, load_tokenizer
 from tinylm.training.distributed import Processes
 from tinylm.training.engine import Batch, Engine, Forward, Task
 
@@ -67,14 +69,19 @@ class Pretraining(Task):
                     "model.block_size"
                 )
         self.prompt = encode_prompt(self.tokenizer, config.sample.prompt, "sample.prompt")  # fail before training
-        return build_model(config.model)
+        model = build_model(config.model)  # before the teacher, whose loading must not change the student's init
+        self.teacher = None
+        if self.train.teacher:
+            self.teacher = load_teacher(self.train.teacher, processes.device, self.tokenizer)
+        return model
 
     def write_files(self, folder: Path) -> None:
         write_yaml(folder / CONFIG_FILE, self.config.to_dict())
         self.tokenizer.save(folder)
 
     def describe(self, model: nn.Module) -> str:
-        return f"{count_parameters(model)['total']:,} parameters, data in {self.data_folder},"
+        taught = f", taught by {self.train.teacher}" if self.teacher is not None else ""
+        return f"{count_parameters(model)['total']:,} parameters{taught}, data in {self.data_folder},"
 
     @property
     def resume_command(self) -> str:
@@ -91,8 +98,15 @@ class Pretraining(Task):
 
     def loss(self, forward: Forward, micro_batch: Batch) -> torch.Tensor:
         inputs, targets, *documents = micro_batch
-        _, loss = forward(inputs, targets, documents=documents[0]) if documents else forward(inputs, targets)
-        return loss * (targets != -1).sum()
+        logits, loss = forward(inputs, targets, documents=documents[0]) if documents else forward(inputs, targets)
+        nats = loss * (targets != -1).sum()
+        if self.teacher is None or not torch.is_grad_enabled():  # evaluation measures the student's own loss
+            return nats
+        with torch.no_grad():  # the teacher's distributions are targets, not something to train
+            teacher_logits, _ = self.teacher(inputs)
+        t = self.train
+        kl = distillation_nats(logits, teacher_logits, targets != -1, t.distill_temperature, self.tokenizer.vocab_size)
+        return (1 - t.distill_weight) * nats + t.distill_weight * kl
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
         if self.eval_batches is None:
@@ -118,3 +132,43 @@ class Pretraining(Task):
 
     def config_record(self) -> dict[str, Any]:
         return self.config.to_dict()
+
+
+# Texts a student and its teacher must split into the same ids: plain words, spacing, digits, Unicode.
+TOKENIZER_PROBES = ("Once upon a time, there was a little girl named Lily.", "  x = 42;\n\tok", "café, 東京 and 🙂")
+
+
+def load_teacher(spec: str, device: torch.device, tokenizer: Tokenizer) -> nn.Module:
+    """The teacher (anything pretrained.load_pretrained takes) behind the model interface, frozen, after checking
+    that it reads text as the student's tokenizer does."""
+    base = load_pretrained(spec, device)
+    teacher = HuggingFaceLM(base.model) if base.kind == "hf" else base.model
+    theirs = base.text_tokenizer
+    if theirs.fingerprint() != tokenizer.fingerprint():  # other files may still hold the same vocabulary
+        pairs = [(_ids(theirs, probe), _ids(tokenizer, probe)) for probe in TOKENIZER_PROBES]
+        if any(a != b for a, b in pairs) or all(a is None for a, _ in pairs):
+            raise TinylmError(
+                f"train.teacher {spec} tokenizes text differently from data.tokenizer {tokenizer.spec}; a teacher "
+                "must share the student's tokenizer"
+            )
+    if teacher.config.vocab_size < tokenizer.vocab_size:
+        raise TinylmError(f"train.teacher {spec} scores {teacher.config.vocab_size} tokens, fewer than the tokenizer's")
+    return teacher.eval().requires_grad_(False)
+
+
+def _ids(tokenizer: Tokenizer, text: str) -> list[int] | None:
+    try:
+        return tokenizer.encode(text)
+    except TinylmError:  # a character vocabulary without some of the probe's characters
+        return None
+
+
+def distillation_nats(
+    student: torch.Tensor, teacher: torch.Tensor, predicting: torch.Tensor, temperature: float, vocab_size: int
+) -> torch.Tensor:
+    """T^2 * KL(teacher || student), summed over the positions that predict something, on the tokenizer's ids (the
+    logits beyond them belong to no text) at temperature T."""
+    log_student = F.log_softmax(student[..., :vocab_size].float() / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher[..., :vocab_size].float() / temperature, dim=-1)
+    kl = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=-1)
+    return temperature**2 * kl[predicting].sum()

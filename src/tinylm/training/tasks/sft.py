@@ -68,6 +68,7 @@ class InstructionTuning(Task):
     kind = "finetune"
     refused: ClassVar[dict[str, str]] = {
         "eval_batches": "every held-out example is evaluated; set --held-out-examples",
+        "teacher": "distillation is a pretraining option (tinylm train); fine-tune without it",
     }
     evaluates_at_start = True
     best_weights_file = "checkpoints/best.safetensors"
