@@ -14,6 +14,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from tinylm.config import (
     Config,
     DataConfig,
+    ExportConfig,
     FinetuneConfig,
     SampleConfig,
     TrainConfig,
@@ -118,6 +119,7 @@ def build_parser() -> ArgumentParser:
         "--to", type=Literal["hf", "gguf"], required=True, help="hf: a transformers folder; gguf: llama.cpp."
     )
     export.add_argument("out", type=str, help="The folder (hf) or .gguf file (gguf) to write.")
+    add_dataclass_options(export, ExportConfig)
     export.add_argument("--overwrite", action="store_true", help="Replace what is already at OUT.")
     commands.add_subcommand("export", export, help="Export a run for transformers (hf) or llama.cpp (gguf).")
 
@@ -180,6 +182,19 @@ def data_config_of(args) -> DataConfig:
     return DataConfig(
         **{field.name: args[DATA_OPTION_NAMES.get(field.name, field.name)] for field in fields(DataConfig)}
     )
+
+
+def add_dataclass_options(parser: ArgumentParser, cls: type) -> None:
+    """The fields of `cls` as `--field-name` options with their types, defaults and docstrings (as help)."""
+    docs, hints = field_docs(cls), get_type_hints(cls)
+    for field in fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(flag, type=hints[field.name], default=field.default, help=docs[field.name])
+
+
+def dataclass_options(args, cls: type) -> Any:
+    """The `cls` that `add_dataclass_options`' arguments describe."""
+    return cls(**{field.name: args[field.name] for field in fields(cls)})
 
 
 GENERATE_OPTIONS = [field.name for field in fields(SampleConfig)]
@@ -363,10 +378,16 @@ def run_info(args) -> int:
 
 
 def run_export(args) -> int:
-    from tinylm.hf import export_gguf, export_hf
+    from tinylm.gguf_export import export_gguf
+    from tinylm.hf import export_hf
 
-    export = export_hf if args.to == "hf" else export_gguf
-    print(f"wrote {export(args.run_dir, args.out, overwrite=args.overwrite)}")
+    if args.to == "hf" and args.quant != "f32":
+        raise TinylmError(f"--quant {args.quant} is for --to gguf; a Hugging Face export keeps float32 weights")
+    if args.to == "hf":
+        out = export_hf(args.run_dir, args.out, overwrite=args.overwrite)
+    else:
+        out = export_gguf(args.run_dir, args.out, args.quant, overwrite=args.overwrite)
+    print(f"wrote {out}")
     return 0
 
 
