@@ -100,6 +100,8 @@ def test_gguf_export_round_trips_through_import(tmp_path):
     ids = run.tokenizer.encode(PROMPT)
     assert back.tokenizer.encode(PROMPT) == ids
     torch.testing.assert_close(tinylm_logits(back, ids), tinylm_logits(run, ids), atol=1e-5, rtol=1e-5)
+    again = gguf.GGUFReader(str(export_gguf(back.path, tmp_path / "again.gguf")))
+    assert again.fields["general.name"].contents() == "run"  # the name the file had, not the import's folder
 
 
 def test_quantized_matrices_are_gguf_blocks_and_the_rest_stays_float32(tmp_path, capsys):
