@@ -55,6 +55,7 @@ bench: $(VENV)/.installed-dev $(NODE_LLAMA_CPP)/.installed
 	$(BIN)/python bench/train_step_speed.py --threads 2 --windows 6 --steps-per-window 40
 	$(BIN)/python bench/train_cpu_processes.py
 	$(BIN)/python bench/decode.py --threads 1
+	$(BIN)/python bench/decode_llama_cpp.py --threads 1 2
 	$(BIN)/python bench/serve_load.py --requests 200 --concurrency 8 --max-tokens 32
 
 docs: setup

@@ -6,7 +6,7 @@
 //   {"model": "m.gguf", "texts": ["..."],                  -> "tokens": the ids llama.cpp gives each text
 //    "ids": [1, 2, 3], "logits_at": [0, 2],                -> "logits": its full logits after those positions
 //    "greedy": {"ids": [...], "tokens": 64},               -> "greedy": the ids its argmax appends
-//    "score": {"ids": [...]},                              -> "nats": -log p of each ids[i + 1] after ids[..i]
+//    "score": [[...], [...]],                              -> "nats": per window, -log p of each ids[i + 1]
 //    "decode": {"ids": [...], "tokens": 64, "repeats": 3}, -> "decode_seconds": the fastest greedy decode
 //    "threads": 1, "context": 256}
 // The KV cache is float32, so a float32 file gives tinylm's logits to rounding. NODE_LLAMA_CPP_DIR is the folder
@@ -60,15 +60,20 @@ if (job.ids) {
     answer.logits = [...at].map((i) => logitRow(results[i].next.logits));
 }
 
+// Each window read from an empty cache: the nats of each token after the ones before it in its window.
 if (job.score) {
-    const ids = job.score.ids;
-    const results = await evaluateAll(ids.slice(0, -1), () => true);
-    answer.nats = results.map((result, i) => {
-        const logits = [...result.next.logits.values()];
-        const max = Math.max(...logits);
-        const logSumExp = max + Math.log(logits.reduce((sum, x) => sum + Math.exp(x - max), 0));
-        return logSumExp - result.next.logits.get(ids[i + 1]);
-    });
+    answer.nats = [];
+    for (const ids of job.score) {
+        const results = await evaluateAll(ids.slice(0, -1), () => true);
+        answer.nats.push(
+            results.map((result, i) => {
+                const logits = [...result.next.logits.values()];
+                const max = logits[0]; // the map is sorted, highest first
+                const logSumExp = max + Math.log(logits.reduce((sum, x) => sum + Math.exp(x - max), 0));
+                return logSumExp - result.next.logits.get(ids[i + 1]);
+            }),
+        );
+    }
 }
 
 async function greedy(ids, tokens) {
