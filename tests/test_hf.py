@@ -206,6 +206,83 @@ def test_llama_style_run_exports_to_llama(tmp_path, fields):
 
 LLAMA_STYLE = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "n_kv_head": 2}
 
+# --- transformers 4 -----------------------------------------------------------------------------------------------
+
+TRANSFORMERS_4 = "4.57.6"
+# Run inside the transformers 4 environment: each export folder's token ids and logits for TEXT, as JSON.
+READ_WITH_TRANSFORMERS_4 = """
+import json, sys, torch, transformers
+answer = {"version": transformers.__version__}
+for folder in sys.argv[2:]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    ids = transformers.AutoTokenizer.from_pretrained(folder).encode(sys.argv[1], add_special_tokens=False)
+    with torch.no_grad():
+        answer[folder] = {"ids": ids, "logits": model(torch.tensor([ids])).logits[0].tolist()}
+print(json.dumps(answer))
+"""
+
+
+def transformers_4_python() -> Path:
+    """A virtual environment with transformers 4 (in build/, kept between runs) that borrows this environment's
+    torch through a .pth file instead of installing another; skips the test when PyPI cannot be reached."""
+    import subprocess
+    import sys
+
+    venv = Path(__file__).resolve().parents[1] / "build" / f"transformers-{TRANSFORMERS_4}"
+    python = venv / "bin" / "python"
+    if (venv / ".installed").is_file():
+        return python
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    done = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"transformers=={TRANSFORMERS_4}"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
+        pytest.skip(f"cannot install transformers {TRANSFORMERS_4} from PyPI here: {reason}")
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    # After the environment's own packages on sys.path: its transformers 4 wins, torch comes from here.
+    (Path(purelib) / "tinylm-borrowed-torch.pth").write_text(str(Path(torch.__file__).resolve().parents[1]) + "\n")
+    (venv / ".installed").touch()
+    return python
+
+
+@pytest.mark.slow
+def test_hf_exports_load_in_transformers_4_with_transformers_5s_tokens_and_logits(tmp_path):
+    import json
+    import subprocess
+
+    runs = {
+        # SmolLM2's RoPE base: transformers 4 read it as 10000 from a transformers 5 config.json.
+        "llama": make_run(tmp_path / "llama", bpe_tokenizer(), **LLAMA_STYLE, rope_theta=100000.0),
+        "gpt2": make_run(tmp_path / "gpt2", CharTokenizer.train([SMALL_TEXT]), mlp="gelu_tanh"),
+        "gpt2-tiktoken": make_run(tmp_path / "gpt2-tiktoken", TiktokenTokenizer(), bias=False, tie_embeddings=False),
+    }
+    folders = {name: str(export_hf(run.path, tmp_path / f"{name}-hf")) for name, run in runs.items()}
+    done = subprocess.run(
+        [str(transformers_4_python()), "-c", READ_WITH_TRANSFORMERS_4, TEXT, *folders.values()],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout)
+    assert answer["version"] == TRANSFORMERS_4
+    for name, folder in folders.items():
+        ids = runs[name].tokenizer.encode(TEXT)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        assert answer[folder]["ids"] == ids, name
+        torch.testing.assert_close(torch.tensor(answer[folder]["logits"]), hf_logits(model, ids), atol=1e-5, rtol=0)
+        torch.testing.assert_close(hf_logits(model, ids), tinylm_logits(runs[name], ids), atol=1e-4, rtol=1e-4)
+
 
 @pytest.mark.parametrize(
     ("fields", "message"),

@@ -24,7 +24,16 @@ from tinylm.errors import TinylmError
 from tinylm.gguf_metadata import read_gguf_metadata, save_gguf_metadata
 from tinylm.model import build_model
 from tinylm.pretrained import PACKAGED_GGUF, Pretrained, load_tinylm_run, packaged_gguf
-from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, save_weights, staged_output, write_yaml
+from tinylm.runs import (
+    CONFIG_FILE,
+    HF_CONFIG_FILE,
+    WEIGHTS_FILE,
+    read_json,
+    save_weights,
+    staged_output,
+    write_json,
+    write_yaml,
+)
 from tinylm.tokenizers import (
     END_OF_TEXT,
     HF_TOKENIZER_FILE,
@@ -397,4 +406,19 @@ def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> 
         hf_model.generation_config = transformers.GenerationConfig(**special_ids, pad_token_id=end)
         hf_model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
+        readable_by_transformers_4(staging)
     return out
+
+
+def readable_by_transformers_4(folder: Path) -> None:
+    """Make a folder transformers 5 saved load the same in transformers 4.4x, which many users still run: 4.x reads
+    RoPE's base from a top-level `rope_theta` (without it, silently 10000) and knows the fast tokenizer as
+    PreTrainedTokenizerFast, not TokenizersBackend. transformers 5 reads both forms."""
+    config = read_json(folder / HF_CONFIG_FILE)
+    if "rope_parameters" in config:
+        config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+    config["torch_dtype"] = config.get("dtype", "float32")  # 4.x's name for the weights' dtype
+    write_json(folder / HF_CONFIG_FILE, config)
+    tokenizer_config = read_json(folder / HF_TOKENIZER_CONFIG)
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    write_json(folder / HF_TOKENIZER_CONFIG, tokenizer_config)
