@@ -21,7 +21,7 @@ import tinylm
 from tinylm.config import SampleConfig
 from tinylm.generate import generate_tokens
 from tinylm.gguf_export import export_gguf, split_rotary_pairs
-from tinylm.hf import import_model
+from tinylm.hf import import_model, tokenizers_backend
 from tinylm.tokenizers import CharTokenizer, TiktokenTokenizer, pretrained_tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -135,6 +135,15 @@ def test_gguf_export_refusals_are_one_line(tmp_path, capsys, fields, args, messa
     code, _, err = run_cli(capsys, "export", str(tmp_path / "run"), *to, str(tmp_path / "m.gguf"), *args)
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("m.gguf*"))
+
+
+def test_a_tokenizer_llama_cpp_would_split_otherwise_is_refused(tmp_path, capsys):
+    """A word-level `hf:` tokenizer (here a char vocabulary's Hugging Face form) is no byte-level BPE: refused."""
+    (tmp_path / "words.json").write_text(tokenizers_backend(CharTokenizer.train([SMALL_TEXT])).to_str())
+    make_run(tmp_path / "run", pretrained_tokenizer(str(tmp_path / "words.json")), **LLAMA_STYLE)
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "run"), "--to", "gguf", str(tmp_path / "m.gguf"))
+    assert code == 1 and "is not a GPT-2-style byte-level BPE" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.gguf").exists()
 
 
 # --- What llama.cpp makes of it -----------------------------------------------------------------------------------
