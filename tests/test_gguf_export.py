@@ -194,9 +194,10 @@ QUANT_ERRORS = {"f16": 2e-3, "bf16": 2e-2, "q8_0": 5e-2, "q5_1": 0.3, "q5_0": 0.
 
 
 @needs_llama_cpp
-def test_every_weight_type_loads_in_llama_cpp_and_stays_near_float32(tmp_path):
+@pytest.mark.parametrize("fields", [LLAMA_STYLE, GPT2_STYLE], ids=["llama", "gpt2"])
+def test_every_weight_type_loads_in_llama_cpp_and_stays_near_float32(tmp_path, fields):
     """Each type loads and its logits are as far from tinylm's as its bits make them: more bits, nearer."""
-    run = make_run(tmp_path / "run", bpe_tokenizer(), **LLAMA_STYLE, n_embd=64, block_size=64)
+    run = make_run(tmp_path / "run", bpe_tokenizer(), **fields, n_embd=64, block_size=64)
     ids = run.tokenizer.encode(PROMPT)
     exact = tinylm_logits(run, ids)
     errors = {}
