@@ -14,6 +14,7 @@ from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
 import tinylm
 from tinylm.cli import build_parser
 from tinylm.errors import TinylmError
+from tinylm.tokenizers import CharTokenizer
 
 LLAMA_STYLE = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "n_kv_head": 2}
 
@@ -21,6 +22,10 @@ LLAMA_STYLE = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": 
 @pytest.fixture(autouse=True)
 def one_thread():
     torch.set_num_threads(1)
+
+
+def greedy(run: tinylm.Run, prompt: str) -> str:
+    return run.generate(prompt, max_new_tokens=16, temperature=0)
 
 
 def test_int8_replaces_every_linear_layer_and_stays_near_float32(tmp_path):
@@ -69,3 +74,37 @@ def test_load_refuses_an_unknown_kind_and_a_device_other_than_cpu(tmp_path):
         tinylm.load(run, quantize="int4")
     with pytest.raises(TinylmError, match="--quantize int8 runs on CPU and the model is on meta"):
         tinylm.load(run, device="meta", quantize="int8")
+
+
+def test_serve_quantize_int8_answers_the_openai_client(tmp_path):
+    """`tinylm serve --quantize int8` in its own process answers with the int8 model's text, not float32's."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    openai = pytest.importorskip("openai")
+    fp32 = make_run(tmp_path / "run", CharTokenizer.train([SMALL_TEXT]), scale=0.3, block_size=64)
+    run, int8 = fp32.path, tinylm.load(fp32.path, quantize="int8")
+    # A prompt whose greedy continuation int8 changes: the server's answer then tells which model it ran.
+    prompt = next(p for p in ("All", "First", "Speak", "Before") if greedy(int8, p) != greedy(fp32, p))
+    with socket.socket() as probe:  # a free port for the server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "tinylm", "serve", str(run), "--port", str(port), "--quantize", "int8"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                answer = client.completions.create(model="run", prompt=prompt, max_tokens=16, temperature=0)
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        assert prompt + answer.choices[0].text == greedy(int8, prompt)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
