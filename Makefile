@@ -8,6 +8,11 @@ ifneq ($(wildcard $(MIRROR)),)
 export TINYLM_DATASETS_MIRROR ?= $(MIRROR)
 endif
 
+# A real llama.cpp for the GGUF tests: node-llama-cpp's prebuilt CPU binaries (@node-llama-cpp/linux-x64), from the
+# npm registry only (no llama.cpp source download, no build, no GPU variants). Without npm the tests skip.
+NODE_LLAMA_CPP_VERSION := 3.22.1
+NODE_LLAMA_CPP := build/node-llama-cpp
+
 .PHONY: setup demo test lint bench gpu-check docs clean
 
 setup: $(VENV)/.installed
@@ -29,7 +34,14 @@ demo: setup
 	$(BIN)/tinylm eval out/shakespeare-char
 	$(BIN)/tinylm generate out/shakespeare-char --prompt "ROMEO:" --max-new-tokens 300
 
-test: $(VENV)/.installed-dev
+$(NODE_LLAMA_CPP)/.installed: Makefile
+	if command -v npm >/dev/null; then \
+	  NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm install --prefix $(NODE_LLAMA_CPP) --omit=optional --no-audit --no-fund \
+	    --ignore-scripts node-llama-cpp@$(NODE_LLAMA_CPP_VERSION) @node-llama-cpp/linux-x64@$(NODE_LLAMA_CPP_VERSION) \
+	  && touch $@ || echo "npm install failed: the llama.cpp tests will skip"; \
+	else echo "npm not found: the llama.cpp tests will skip"; fi
+
+test: $(VENV)/.installed-dev $(NODE_LLAMA_CPP)/.installed
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
@@ -37,12 +49,13 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
-bench: $(VENV)/.installed-dev
+bench: $(VENV)/.installed-dev $(NODE_LLAMA_CPP)/.installed
 	$(BIN)/python bench/shakespeare_char.py --repeats 2
 	$(BIN)/python bench/tokenize_tinystories.py --repeats 3
 	$(BIN)/python bench/train_step_speed.py --threads 2 --windows 6 --steps-per-window 40
 	$(BIN)/python bench/train_cpu_processes.py
 	$(BIN)/python bench/decode.py --threads 1
+	$(BIN)/python bench/decode_llama_cpp.py --threads 1 2
 	$(BIN)/python bench/serve_load.py --requests 200 --concurrency 8 --max-tokens 32
 
 docs: setup

@@ -171,3 +171,59 @@ def interrupt_during_step(monkeypatch, step: int) -> None:
         return original(engine)
 
     monkeypatch.setattr(Engine, "train_step", ctrl_c_during_the_step)
+
+
+# --- Random models with exact weights, for the interop tests (test_hf, test_gguf_export) -----------------------------
+
+
+def perturb(model, seed: int = 0, scale: float = 0.1) -> None:
+    """Move every parameter off its init (biases and norm weights included) so that a mapping slip shows; no dropout."""
+    import torch
+
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
+
+
+def make_run(folder: Path, tokenizer, scale: float = 0.1, **model_fields):
+    """A run folder as `tinylm train` leaves it, with random weights (`scale`: how far from the init), loaded."""
+    import torch
+
+    import tinylm
+    from tinylm.config import Config, ModelConfig
+    from tinylm.model import build_model
+    from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, save_weights, write_yaml
+
+    fields = {"vocab_size": tokenizer.vocab_size, "block_size": 32, "n_layer": 2, "n_head": 4, "n_embd": 32}
+    config = Config(model=ModelConfig(**{**fields, **model_fields}), out=str(folder))
+    config.data.tokenizer = tokenizer.spec
+    folder.mkdir()
+    write_yaml(folder / CONFIG_FILE, config.to_dict())
+    tokenizer.save(folder)
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    perturb(model, scale=scale)
+    save_weights(model, folder / WEIGHTS_FILE)
+    return tinylm.load(folder, device="cpu")
+
+
+def bpe_tokenizer(text: str = SMALL_TEXT, size: int = 300):
+    from tinylm.tokenizers import HuggingFaceTokenizer
+
+    return HuggingFaceTokenizer.train_bpe([text], size)
+
+
+def tinylm_logits(run, ids: list[int]):
+    import torch
+
+    with torch.no_grad():
+        return run.model(torch.tensor([ids]))[0][0]
+
+
+def hf_logits(model, ids: list[int]):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]

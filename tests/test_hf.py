@@ -4,26 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import SMALL_TEXT, run_cli, tiny_overrides, tree_hashes, untrained_run
+from conftest import (
+    SMALL_TEXT,
+    bpe_tokenizer,
+    hf_logits,
+    make_run,
+    perturb,
+    run_cli,
+    tiny_overrides,
+    tinylm_logits,
+    tree_hashes,
+    untrained_run,
+)
 
 import tinylm
-from tinylm.config import Config, ModelConfig, SampleConfig
+from tinylm.config import SampleConfig
 from tinylm.generate import generate_tokens
-from tinylm.hf import (
-    export_gguf,
-    export_hf,
-    import_model,
-    resolve_source,
-    split_rotary_pairs,
-    tokenizers_backend,
-)
-from tinylm.model import build_model
-from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, save_weights, write_yaml
-from tinylm.tokenizers import CharTokenizer, HuggingFaceTokenizer, TiktokenTokenizer, Tokenizer
+from tinylm.hf import export_hf, import_model, resolve_source, tokenizers_backend
+from tinylm.runs import CONFIG_FILE
+from tinylm.tokenizers import CharTokenizer, TiktokenTokenizer, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,48 +39,11 @@ def quiet_and_one_thread():
     transformers.utils.logging.disable_progress_bar()  # the tests read stderr
 
 
-def perturb(model: torch.nn.Module, seed: int = 0) -> None:
-    """Move every parameter off its init (biases and norm weights included) so that a mapping slip shows; no dropout."""
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
-
-
-def make_run(folder: Path, tokenizer: Tokenizer, **model_fields) -> tinylm.Run:
-    """A run folder as `tinylm train` leaves it, with random weights."""
-    fields = {"vocab_size": tokenizer.vocab_size, "block_size": 32, "n_layer": 2, "n_head": 4, "n_embd": 32}
-    config = Config(model=ModelConfig(**{**fields, **model_fields}), out=str(folder))
-    folder.mkdir()
-    write_yaml(folder / CONFIG_FILE, config.to_dict())
-    tokenizer.save(folder)
-    torch.manual_seed(0)
-    model = build_model(config.model)
-    perturb(model)
-    save_weights(model, folder / WEIGHTS_FILE)
-    return tinylm.load(folder, device="cpu")
-
-
-def bpe_tokenizer() -> HuggingFaceTokenizer:
-    return HuggingFaceTokenizer.train_bpe([SMALL_TEXT], 300)
-
-
 def save_hf_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
     end = tokenizer.decode([tokenizer.end_of_text])
     transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizers_backend(tokenizer), eos_token=end, bos_token=end
     ).save_pretrained(str(folder))
-
-
-def tinylm_logits(run: tinylm.Run, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return run.model(torch.tensor([ids]))[0][0]
-
-
-def hf_logits(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0]
 
 
 def greedy_tokens(model, ids: list[int], new_tokens: int) -> list[int]:
@@ -241,6 +206,83 @@ def test_llama_style_run_exports_to_llama(tmp_path, fields):
 
 LLAMA_STYLE = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "n_kv_head": 2}
 
+# --- transformers 4 -----------------------------------------------------------------------------------------------
+
+TRANSFORMERS_4 = "4.57.6"
+# Run inside the transformers 4 environment: each export folder's token ids and logits for TEXT, as JSON.
+READ_WITH_TRANSFORMERS_4 = """
+import json, sys, torch, transformers
+answer = {"version": transformers.__version__}
+for folder in sys.argv[2:]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    ids = transformers.AutoTokenizer.from_pretrained(folder).encode(sys.argv[1], add_special_tokens=False)
+    with torch.no_grad():
+        answer[folder] = {"ids": ids, "logits": model(torch.tensor([ids])).logits[0].tolist()}
+print(json.dumps(answer))
+"""
+
+
+def transformers_4_python() -> Path:
+    """A virtual environment with transformers 4 (in build/, kept between runs) that borrows this environment's
+    torch through a .pth file instead of installing another; skips the test when PyPI cannot be reached."""
+    import subprocess
+    import sys
+
+    venv = Path(__file__).resolve().parents[1] / "build" / f"transformers-{TRANSFORMERS_4}"
+    python = venv / "bin" / "python"
+    if (venv / ".installed").is_file():
+        return python
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    done = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"transformers=={TRANSFORMERS_4}"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
+        pytest.skip(f"cannot install transformers {TRANSFORMERS_4} from PyPI here: {reason}")
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    # After the environment's own packages on sys.path: its transformers 4 wins, torch comes from here.
+    (Path(purelib) / "tinylm-borrowed-torch.pth").write_text(str(Path(torch.__file__).resolve().parents[1]) + "\n")
+    (venv / ".installed").touch()
+    return python
+
+
+@pytest.mark.slow
+def test_hf_exports_load_in_transformers_4_with_transformers_5s_tokens_and_logits(tmp_path):
+    import json
+    import subprocess
+
+    runs = {
+        # SmolLM2's RoPE base: transformers 4 read it as 10000 from a transformers 5 config.json.
+        "llama": make_run(tmp_path / "llama", bpe_tokenizer(), **LLAMA_STYLE, rope_theta=100000.0),
+        "gpt2": make_run(tmp_path / "gpt2", CharTokenizer.train([SMALL_TEXT]), mlp="gelu_tanh"),
+        "gpt2-tiktoken": make_run(tmp_path / "gpt2-tiktoken", TiktokenTokenizer(), bias=False, tie_embeddings=False),
+    }
+    folders = {name: str(export_hf(run.path, tmp_path / f"{name}-hf")) for name, run in runs.items()}
+    done = subprocess.run(
+        [str(transformers_4_python()), "-c", READ_WITH_TRANSFORMERS_4, TEXT, *folders.values()],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout)
+    assert answer["version"] == TRANSFORMERS_4
+    for name, folder in folders.items():
+        ids = runs[name].tokenizer.encode(TEXT)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        assert answer[folder]["ids"] == ids, name
+        torch.testing.assert_close(torch.tensor(answer[folder]["logits"]), hf_logits(model, ids), atol=1e-5, rtol=0)
+        torch.testing.assert_close(hf_logits(model, ids), tinylm_logits(runs[name], ids), atol=1e-4, rtol=1e-4)
+
 
 @pytest.mark.parametrize(
     ("fields", "message"),
@@ -257,15 +299,6 @@ def test_export_refuses_models_a_class_cannot_express(tmp_path, capsys, fields, 
     code, _, err = run_cli(capsys, "export", str(tmp_path / "run"), "--to", "hf", str(tmp_path / "hf"))
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "hf").exists()
-
-
-def test_gguf_export_refusals_are_one_line(tmp_path, capsys):
-    make_run(tmp_path / "biased", bpe_tokenizer(), **{**LLAMA_STYLE, "bias": True})
-    make_run(tmp_path / "accents", CharTokenizer.train([SMALL_TEXT + "é"]), **LLAMA_STYLE)
-    for run, message in (("biased", "model.bias is true"), ("accents", "non-ASCII")):
-        code, _, err = run_cli(capsys, "export", str(tmp_path / run), "--to", "gguf", str(tmp_path / "m.gguf"))
-        assert code == 1 and message in err and len(err.strip().splitlines()) == 1
-    assert not list(tmp_path.glob("*.gguf*"))
 
 
 @pytest.mark.parametrize(
@@ -334,65 +367,6 @@ def test_import_overwrite_replaces_a_run_and_nothing_else(tmp_path, capsys):
     code, _, err = run_cli(capsys, "import", str(tmp_path / "gpt2"), "--out", str(run), "--overwrite")
     assert code == 0, err
     assert not (run / "text.txt").exists() and tinylm.load(run, device="cpu").config.model.n_embd == 16
-
-
-# --- GGUF ---------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("tokenizer", ["bpe", "char"])
-def test_gguf_export_reads_back_and_loads_in_transformers(tmp_path, capsys, tokenizer):
-    gguf = pytest.importorskip("gguf")
-    tok = bpe_tokenizer() if tokenizer == "bpe" else CharTokenizer.train([SMALL_TEXT])
-    run = make_run(tmp_path / "run", tok, **LLAMA_STYLE, rope_theta=500.0)
-    code, _, err = run_cli(capsys, "export", str(run.path), "--to", "gguf", str(tmp_path / "model.gguf"))
-    assert code == 0, err
-
-    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
-    fields = {name: f.contents() for name, f in reader.fields.items()}
-    assert fields["general.architecture"] == "llama"
-    assert (fields["llama.block_count"], fields["llama.attention.head_count"]) == (2, 4)
-    assert fields["llama.attention.head_count_kv"] == 2 and fields["llama.rope.freq_base"] == 500.0
-    assert fields["llama.context_length"] == 32 and fields["tokenizer.ggml.eos_token_id"] == tok.end_of_text
-    assert len(fields["tokenizer.ggml.tokens"]) == tok.vocab_size
-    tensors = {t.name: torch.from_numpy(np.array(t.data)) for t in reader.tensors}
-    assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
-    state = run.model.state_dict()
-    q, k, v = state["blocks.1.attn.qkv.weight"].split([32, 16, 16])
-    torch.testing.assert_close(split_rotary_pairs(tensors["blk.1.attn_q.weight"], 4), q)
-    torch.testing.assert_close(split_rotary_pairs(tensors["blk.1.attn_k.weight"], 2), k)
-    torch.testing.assert_close(tensors["blk.1.attn_v.weight"], v)
-    torch.testing.assert_close(tensors["blk.0.ffn_down.weight"], state["blocks.0.mlp.proj.weight"])
-    torch.testing.assert_close(tensors["token_embd.weight"], state["token_embedding.weight"])
-
-    # The strong check: transformers' own GGUF reader undoes the permutation and computes the same logits.
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(tmp_path), gguf_file="model.gguf", dtype=torch.float32
-    )
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="model.gguf")
-    ids = run.tokenizer.encode(PROMPT)
-    assert hf_tokenizer.encode(PROMPT, add_special_tokens=False) == ids
-    torch.testing.assert_close(hf_logits(hf_model, ids), tinylm_logits(run, ids), atol=1e-4, rtol=1e-4)
-
-
-def test_gguf_export_round_trips_through_import(tmp_path):
-    pytest.importorskip("gguf")
-    run = make_run(tmp_path / "run", bpe_tokenizer(), **LLAMA_STYLE)
-    export_gguf(run.path, tmp_path / "model.gguf")
-    back = tinylm.load(import_model(str(tmp_path / "model.gguf"), tmp_path / "back").run_dir, device="cpu")
-    ids = run.tokenizer.encode(PROMPT)
-    assert back.tokenizer.encode(PROMPT) == ids
-    torch.testing.assert_close(tinylm_logits(back, ids), tinylm_logits(run, ids), atol=1e-5, rtol=1e-5)
-
-
-def test_llama_cpp_runs_the_exported_gguf(tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it compiles llama.cpp)")
-    run = make_run(tmp_path / "run", bpe_tokenizer(), **LLAMA_STYLE)
-    export_gguf(run.path, tmp_path / "model.gguf")
-    llm = llama_cpp.Llama(str(tmp_path / "model.gguf"), logits_all=True, verbose=False)
-    ids = run.tokenizer.encode(PROMPT)
-    llm.eval(ids)
-    theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
-    torch.testing.assert_close(theirs, tinylm_logits(run, ids), atol=1e-3, rtol=1e-3)
 
 
 # --- The real pretrained model ------------------------------------------------------------------------------------

@@ -131,7 +131,14 @@ LAYERS = [
     ["tinylm.config"],
     ["tinylm.tokenizers", "tinylm.data", "tinylm.model"],
     ["tinylm.generate", "tinylm.evaluate"],
-    ["tinylm.pretrained", "tinylm.hf", "tinylm.copy_task"],
+    [
+        "tinylm.pretrained",
+        "tinylm.hf",
+        "tinylm.gguf_export",
+        "tinylm.gguf_metadata",
+        "tinylm.quantize",
+        "tinylm.copy_task",
+    ],
     ["tinylm.training"],
     ["tinylm.run"],
     ["tinylm.chat", "tinylm.serve"],
@@ -140,9 +147,9 @@ LAYERS = [
 
 
 def layer(module: str) -> int:
-    """The layer of `module`: that of the longest prefix listed (tinylm.model.gpt is in tinylm.model's)."""
+    """The layer of `module`: its own, or its package's (tinylm.model.gpt is in tinylm.model's)."""
     for prefix in sorted((p for names in LAYERS for p in names), key=len, reverse=True):
-        if module == prefix or module.startswith(prefix + "."):
+        if module == prefix or (prefix != "tinylm" and module.startswith(prefix + ".")):
             return next(i for i, names in enumerate(LAYERS) if prefix in names)
     raise AssertionError(f"{module} is in no layer: add it to LAYERS and docs/architecture.md")
 

@@ -6,7 +6,7 @@ import contextlib
 import json
 import sys
 from argparse import SUPPRESS
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from typing import Any, Literal, get_type_hints
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -14,7 +14,9 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from tinylm.config import (
     Config,
     DataConfig,
+    ExportConfig,
     FinetuneConfig,
+    LoadConfig,
     SampleConfig,
     TrainConfig,
     check_config,
@@ -59,12 +61,14 @@ def build_parser() -> ArgumentParser:
     generate = ArgumentParser(exit_on_error=False, description="Continue a prompt with a trained model, streaming.")
     generate.add_argument("run_dir", type=str, help=MODEL_HELP)
     add_sampling_options(generate, GENERATE_OPTIONS)
+    add_dataclass_options(generate, LoadConfig)
     commands.add_subcommand("generate", generate, help="Sample text from a trained run or any model `load` takes.")
 
     chat = ArgumentParser(exit_on_error=False, description="Talk with a model interactively; replies stream.")
     chat.add_argument("run_dir", type=str, help=MODEL_HELP)
     chat.add_argument("--system", type=str | None, default=None, help="A system message (chat-template models).")
     add_sampling_options(chat, CHAT_OPTIONS)
+    add_dataclass_options(chat, LoadConfig)
     commands.add_subcommand("chat", chat, help="Chat with a run in the terminal (/help inside for commands).")
 
     evaluate = ArgumentParser(exit_on_error=False, description="Loss, perplexity and bits per byte on a data split.")
@@ -82,6 +86,7 @@ def build_parser() -> ArgumentParser:
         "--stride", type=int | None, default=None, help="Tokens between windows (default: --block-size, no overlap)."
     )
     evaluate.add_argument("--json", action="store_true", help='Print one JSON object: {"val": {"loss": ...}}.')
+    add_dataclass_options(evaluate, LoadConfig)
     commands.add_subcommand("eval", evaluate, help="Evaluate a run, a fine-tune or a Hugging Face model on text.")
 
     serve = ArgumentParser(exit_on_error=False, description="An OpenAI-compatible API and a web playground.")
@@ -92,6 +97,7 @@ def build_parser() -> ArgumentParser:
     serve.add_argument("--max-tokens", type=int, default=1024, help="Most new tokens one request may ask for.")
     serve.add_argument("--max-concurrent", type=int, default=4, help="Requests generating at once; more get 429.")
     serve.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, mps.")
+    add_dataclass_options(serve, LoadConfig)
     commands.add_subcommand("serve", serve, help="Serve a run over HTTP on localhost (`pip install 'tinylm[serve]'`).")
 
     info = ArgumentParser(
@@ -120,6 +126,7 @@ def build_parser() -> ArgumentParser:
         "--to", type=Literal["hf", "gguf"], required=True, help="hf: a transformers folder; gguf: llama.cpp."
     )
     export.add_argument("out", type=str, help="The folder (hf) or .gguf file (gguf) to write.")
+    add_dataclass_options(export, ExportConfig)
     export.add_argument("--overwrite", action="store_true", help="Replace what is already at OUT.")
     commands.add_subcommand("export", export, help="Export a run for transformers (hf) or llama.cpp (gguf).")
 
@@ -182,6 +189,24 @@ def data_config_of(args) -> DataConfig:
     return DataConfig(
         **{field.name: args[DATA_OPTION_NAMES.get(field.name, field.name)] for field in fields(DataConfig)}
     )
+
+
+def add_dataclass_options(parser: ArgumentParser, cls: type) -> None:
+    """The fields of `cls` as `--field-name` options with their types, defaults and docstrings (as help)."""
+    docs, hints = field_docs(cls), get_type_hints(cls)
+    for field in fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(flag, type=hints[field.name], default=field.default, help=docs[field.name])
+
+
+def dataclass_options(args, cls: type) -> Any:
+    """The `cls` that `add_dataclass_options`' arguments describe."""
+    return cls(**{field.name: args[field.name] for field in fields(cls)})
+
+
+def load_options(args) -> dict[str, Any]:
+    """`tinylm.load`'s keyword arguments from LoadConfig's options (`--quantize`)."""
+    return asdict(dataclass_options(args, LoadConfig))
 
 
 GENERATE_OPTIONS = [field.name for field in fields(SampleConfig)]
@@ -288,7 +313,7 @@ def run_generate(args) -> int:
     from tinylm.run import load
 
     options = sampling_options(args, GENERATE_OPTIONS)
-    run = load(args.run_dir)
+    run = load(args.run_dir, **load_options(args))
     prompt = options.pop("prompt", run.sampling().prompt)
     pieces = run.stream(prompt, **options)
     sys.stdout.write(prompt)
@@ -304,7 +329,7 @@ def run_chat(args) -> int:
     from tinylm.run import load
 
     options = sampling_options(args, CHAT_OPTIONS)
-    run = load(args.run_dir)
+    run = load(args.run_dir, **load_options(args))
     sampling = run.sampling(**options)
     if "seed" not in options:  # a chat should not answer the same question the same way every time
         sampling.seed = None
@@ -320,7 +345,8 @@ def run_eval(args) -> int:
     data = None
     if args.data is not None:
         data = DataConfig(source=args.data, subset=args.subset, text_field=args.text_field)
-    result = load(args.model).evaluate(args.split, data, args.stride, args.block_size)
+    run = load(args.model, **load_options(args))
+    result = run.evaluate(args.split, data, args.stride, args.block_size)
     if args.json:
         print(json.dumps({args.split: result.to_dict()}))
     else:
@@ -338,7 +364,7 @@ def run_serve(args) -> int:
         if args[key] < 1:
             raise TinylmError(f"--{key.replace('_', '-')} must be at least 1, not {args[key]}")
     limits = ServeLimits(args.max_prompt_tokens, args.max_tokens, args.max_concurrent)
-    serve(args.run_dir, args.host, args.port, limits, args.device)
+    serve(args.run_dir, args.host, args.port, limits, args.device, **load_options(args))
     return 0
 
 
@@ -389,10 +415,17 @@ def depth_dial(config: Config) -> dict[str, int | float]:
 
 
 def run_export(args) -> int:
-    from tinylm.hf import export_gguf, export_hf
+    from tinylm.gguf_export import export_gguf
+    from tinylm.hf import export_hf
 
-    export = export_hf if args.to == "hf" else export_gguf
-    print(f"wrote {export(args.run_dir, args.out, overwrite=args.overwrite)}")
+    quant = dataclass_options(args, ExportConfig).quant
+    if args.to == "hf" and quant != ExportConfig.quant:
+        raise TinylmError(f"--quant {quant} is for --to gguf; a Hugging Face export keeps float32 weights")
+    if args.to == "hf":
+        out = export_hf(args.run_dir, args.out, overwrite=args.overwrite)
+    else:
+        out = export_gguf(args.run_dir, args.out, quant, overwrite=args.overwrite)
+    print(f"wrote {out}")
     return 0
 
 

@@ -257,6 +257,26 @@ class SampleConfig:
 
 
 @dataclass
+class LoadConfig:
+    """How `tinylm.load` prepares a model for generate, chat, serve and eval (`--quantize`)."""
+
+    quantize: Literal["int8"] | None = None
+    """`int8`: every linear layer's weights as 8-bit integers (one scale per matrix), multiplied with its inputs by
+    the CPU's int8 kernels: about 4x smaller matrices and faster decoding, at slightly higher bits per byte (CPU only);
+    null: the weights as saved."""
+
+
+@dataclass
+class ExportConfig:
+    """How `tinylm export` writes a run."""
+
+    quant: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = "f32"
+    """GGUF weight type: f32 (llama.cpp computes tinylm's logits), f16, bf16, or llama.cpp's block quantizations
+    q8_0, q5_1, q5_0, q4_1, q4_0 (a matrix whose rows are not a multiple of 32 stays f16; norms and biases stay
+    f32). The gguf package writes no k-quants."""
+
+
+@dataclass
 class TaskConfig:
     """The synthetic sequence-to-sequence task a `seq2seq` model learns (model.arch: seq2seq; other models ignore it).
 

@@ -1,21 +1,18 @@
-"""Hugging Face and GGUF interop: import a GPT-2 or Llama checkpoint into a tinylm run, export a run back out.
+"""Hugging Face interop: import a GPT-2 or Llama checkpoint into a tinylm run, export a run back out.
 
     import_model("HuggingFaceTB/SmolLM2-135M", "out/smollm2")   # a hub name, a local folder or a .gguf file
     export_hf("out/run", "out/run-hf")       # GPT2LMHeadModel or LlamaForCausalLM + tokenizer, for transformers
-    export_gguf("out/run", "out/run.gguf")   # llama-architecture GGUF, for llama.cpp (and transformers' gguf_file=)
 
 tinylm's one GPT class covers both families through its config, so each direction is a renaming of weights plus
 a handful of reshapes: GPT-2 stores its linear layers transposed (Conv1D), Llama keeps q, k and v apart where tinylm
-fuses them, and llama.cpp wants each q/k head's rotary pairs interleaved rather than split in halves. A model that a
-target class cannot express exactly is refused, naming the config field, instead of being converted approximately.
+fuses them. GGUF export (gguf_export.py) builds on the same mappings. A model that a target class cannot express
+exactly is refused, naming the config field, instead of being converted approximately.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tokenizers import Regex, decoders, models, pre_tokenizers
@@ -24,9 +21,19 @@ from torch import nn
 
 from tinylm.config import Config, DataConfig, ModelConfig
 from tinylm.errors import TinylmError
+from tinylm.gguf_metadata import read_gguf_metadata, save_gguf_metadata
 from tinylm.model import build_model
 from tinylm.pretrained import PACKAGED_GGUF, Pretrained, load_tinylm_run, packaged_gguf
-from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, save_weights, staged_output, write_yaml
+from tinylm.runs import (
+    CONFIG_FILE,
+    HF_CONFIG_FILE,
+    WEIGHTS_FILE,
+    read_json,
+    save_weights,
+    staged_output,
+    write_json,
+    write_yaml,
+)
 from tinylm.tokenizers import (
     END_OF_TEXT,
     HF_TOKENIZER_FILE,
@@ -68,21 +75,6 @@ LLAMA_MODULES = {
     "blocks.{i}.mlp.proj": "model.layers.{i}.mlp.down_proj",
     "final_norm": "model.norm",
     "lm_head": "lm_head",
-}
-# llama.cpp's tensor names for the same modules.
-GGUF_MODULES = {
-    "token_embedding": "token_embd",
-    "blocks.{i}.attn_norm": "blk.{i}.attn_norm",
-    "blocks.{i}.attn.q": "blk.{i}.attn_q",
-    "blocks.{i}.attn.k": "blk.{i}.attn_k",
-    "blocks.{i}.attn.v": "blk.{i}.attn_v",
-    "blocks.{i}.attn.proj": "blk.{i}.attn_output",
-    "blocks.{i}.mlp_norm": "blk.{i}.ffn_norm",
-    "blocks.{i}.mlp.gate": "blk.{i}.ffn_gate",
-    "blocks.{i}.mlp.up": "blk.{i}.ffn_up",
-    "blocks.{i}.mlp.proj": "blk.{i}.ffn_down",
-    "final_norm": "output_norm",
-    "lm_head": "output",
 }
 
 
@@ -143,22 +135,6 @@ def fuse_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def transpose_conv1d(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Between nn.Linear's (out, in) and GPT-2 Conv1D's (in, out); its own inverse."""
     return {name: tensor.t() if name.endswith(GPT2_CONV1D) else tensor for name, tensor in state.items()}
-
-
-def interleave_rotary_pairs(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """Reorder each head's q or k rows from rotate-half pairs (i, i + d/2) to adjacent pairs (2i, 2i + 1).
-
-    tinylm and Hugging Face rotate dimension i with i + d/2; llama.cpp's rope rotates 2i with 2i + 1, so its
-    converter stores the rows of each head in that order (the permutation `convert_hf_to_gguf.py` applies to q and k).
-    """
-    rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-
-
-def split_rotary_pairs(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """The inverse of `interleave_rotary_pairs`."""
-    rows = weight.shape[0]
-    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
 def tinylm_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -406,6 +382,8 @@ def import_model(source: str, out: str | Path, overwrite: bool = False) -> Impor
         model = build_model(model_config)
         model.load_state_dict(from_hf_state(hf_model, family, model_config))
         tokenizer.save_pretrained(str(staging))
+        if gguf_file:  # name, licence, pre-tokenizer: what a GGUF export of this run writes back
+            save_gguf_metadata(staging, read_gguf_metadata(Path(location) / gguf_file))
         # The run's tokenizer is this folder's tokenizer.json, so `tinylm eval` re-tokenizes data with exactly it.
         spec = f"hf:{out}"
         HuggingFaceTokenizer(HFTokenizer.from_file(str(staging / HF_TOKENIZER_FILE)), spec).save(staging)
@@ -439,114 +417,19 @@ def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> 
         hf_model.generation_config = transformers.GenerationConfig(**special_ids, pad_token_id=end)
         hf_model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
+        readable_by_transformers_4(staging)
     return out
 
 
-def export_gguf(run_dir: str | Path, path: str | Path, overwrite: bool = False) -> Path:
-    """Write a llama-architecture GGUF (float32 weights, tokenizer in its metadata) for llama.cpp."""
-    try:
-        import gguf
-    except ImportError:
-        raise TinylmError(f"GGUF export needs the gguf package: {INSTALL_HINT}") from None
-    run = load_tinylm_run(Path(run_dir).expanduser(), torch.device("cpu"))
-    config = run.config.model
-    if hf_family(config) != "llama":
-        raise TinylmError(
-            "model.positions is learned: GGUF export writes the llama architecture, which needs rope positions, "
-            "rmsnorm and swiglu (export to --to hf for a GPT-2 model)"
-        )
-    if config.bias:
-        raise TinylmError(
-            "model.bias is true: llama.cpp's llama architecture has no biases; train with model.bias false"
-        )
-    path = Path(path).expanduser()
-    with staged_output(path, "gguf", overwrite, inputs=[run.path], option="OUT") as staging:
-        vocabulary = gguf_vocabulary(run, config.vocab_size)
-        state = rename(split_qkv(tinylm_state(run.model), config), GGUF_MODULES, config.n_layer)
-        if config.tie_embeddings:
-            del state["output.weight"]  # llama.cpp reuses token_embd when there is no output matrix
-        for name in state:
-            if ".attn_q." in name:
-                state[name] = interleave_rotary_pairs(state[name], config.n_head)
-            elif ".attn_k." in name:
-                state[name] = interleave_rotary_pairs(state[name], config.kv_heads)
-
-        writer = gguf.GGUFWriter(str(staging), "llama")
-        writer.add_name(run.path.resolve().name)
-        writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_context_length(config.block_size)
-        writer.add_embedding_length(config.n_embd)
-        writer.add_block_count(config.n_layer)
-        writer.add_feed_forward_length(config.mlp_width)
-        writer.add_head_count(config.n_head)
-        writer.add_head_count_kv(config.kv_heads)
-        writer.add_rope_dimension_count(config.head_dim)
-        writer.add_rope_freq_base(config.rope_theta)
-        writer.add_layer_norm_rms_eps(config.norm_eps)
-        writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-        writer.add_tokenizer_pre(vocabulary["pre"])
-        writer.add_token_list(vocabulary["tokens"])
-        writer.add_token_types(vocabulary["types"])
-        if vocabulary["merges"]:
-            writer.add_token_merges(vocabulary["merges"])
-        else:  # without merges, readers rebuild them from scores: all equal, so there is none to rebuild
-            writer.add_token_scores([0.0] * config.vocab_size)
-        writer.add_bos_token_id(vocabulary["bos_token_id"])
-        writer.add_eos_token_id(vocabulary["eos_token_id"])
-        writer.add_add_bos_token(False)  # tinylm never prepends a BOS token
-        if vocabulary["chat_template"]:
-            writer.add_chat_template(vocabulary["chat_template"])
-        for name, tensor in state.items():
-            writer.add_tensor(name, tensor.float().contiguous().numpy())
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    return path
-
-
-def gguf_vocabulary(run: Pretrained, vocab_size: int) -> dict[str, Any]:
-    """Tokens, token types, merges and pre-tokenizer name of the run's tokenizer as a llama.cpp byte-level BPE."""
-    from gguf import TokenType
-
-    tokenizer = hf_tokenizer(run)
-    backend = tokenizer.backend_tokenizer
-    spec = run.text_tokenizer.spec
-    description = json.loads(backend.to_str())
-    pre = description.get("pre_tokenizer") or {}
-    special = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
-    vocabulary = backend.get_vocab(with_added_tokens=True)
-    if isinstance(run.text_tokenizer, CharTokenizer):
-        # One token per character is a byte-level BPE without merges while every character is one byte.
-        if any(ord(char) > 127 for char in run.text_tokenizer.chars):
-            raise TinylmError(
-                "data.tokenizer is char with non-ASCII characters, which GGUF's byte-level vocabulary cannot hold one "
-                "token each; export with --to hf, or train with bpe:N"
-            )
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-        spelling = bytes_to_unicode()  # GPT-2's printable stand-in character for each byte
-        vocabulary = {(spelling[ord(t)] if t not in special else t): i for t, i in vocabulary.items()}
-        merges = []
-    elif description["model"]["type"] == "BPE" and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        merges = [" ".join(m) if isinstance(m, list) else m for m in description["model"]["merges"]]
-    else:
-        raise TinylmError(
-            f"data.tokenizer {spec} is not a GPT-2-style byte-level BPE, the tokenizer GGUF export writes; "
-            "export with --to hf, or train with bpe:N or gpt2"
-        )
-    tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # ids the model has beyond the tokenizer's stay unused
-    types = [TokenType.UNUSED] * vocab_size
-    for token, i in vocabulary.items():
-        tokens[i] = token
-        types[i] = TokenType.CONTROL if token in special else TokenType.NORMAL
-    chat_template = getattr(tokenizer, "chat_template", None)
-    return {
-        "tokens": tokens,
-        "types": types,
-        "merges": merges,
-        "pre": "gpt-2",
-        "chat_template": chat_template,
-        **special_token_ids(tokenizer, run.text_tokenizer.end_of_text),
-    }
+def readable_by_transformers_4(folder: Path) -> None:
+    """Make a folder transformers 5 saved load the same in transformers 4.4x, which many users still run: 4.x reads
+    RoPE's base from a top-level `rope_theta` (without it, silently 10000) and knows the fast tokenizer as
+    PreTrainedTokenizerFast, not TokenizersBackend. transformers 5 reads both forms."""
+    config = read_json(folder / HF_CONFIG_FILE)
+    if "rope_parameters" in config:
+        config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+    config["torch_dtype"] = config.get("dtype", "float32")  # 4.x's name for the weights' dtype
+    write_json(folder / HF_CONFIG_FILE, config)
+    tokenizer_config = read_json(folder / HF_TOKENIZER_CONFIG)
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    write_json(folder / HF_TOKENIZER_CONFIG, tokenizer_config)

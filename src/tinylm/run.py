@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tinylm.config import Config, DataConfig, SampleConfig, check_sample_config
+from tinylm.config import Config, DataConfig, LoadConfig, SampleConfig, check_sample_config
 from tinylm.data.documents import open_source
 from tinylm.data.instructions import Messages
 from tinylm.device import resolve_device
@@ -23,6 +23,7 @@ from tinylm.errors import TinylmError
 from tinylm.evaluate import DEFAULT_EVAL_CONTEXT, EvalResult, document_tokens, evaluate
 from tinylm.generate import Piece, encode_prompt, stream_text
 from tinylm.pretrained import ChatTokenizer, HuggingFaceLM, Pretrained, load_pretrained, load_tinylm_run
+from tinylm.quantize import check_quantize, quantize_int8
 from tinylm.runs import (
     CONFIG_FILE,
     FINETUNE_RESULT_FILE,
@@ -141,8 +142,19 @@ class Run:
         return evaluate(logits_of, tokens, text_bytes, block_size, stride, self.model.config.vocab_size, device)
 
 
-def load(path: str | Path, device: str = "auto") -> Run:
-    """Load a model (see the module docstring for what `path` may be) for generation, chat and evaluation."""
+def load(path: str | Path, device: str = "auto", quantize: str | None = LoadConfig.quantize) -> Run:
+    """Load a model (see the module docstring for what `path` may be) for generation, chat and evaluation;
+    `quantize="int8"` makes its linear layers int8 on CPU (see LoadConfig.quantize)."""
+    if quantize is None:
+        return load_as_saved(path, device)
+    target = resolve_device("cpu" if device == "auto" else device)  # int8 kernels are CPU kernels
+    check_quantize(quantize, target)
+    run = load_as_saved(path, str(target))
+    quantize_int8(run.model)
+    return run
+
+
+def load_as_saved(path: str | Path, device: str = "auto") -> Run:
     folder = Path(path).expanduser()
     if is_run(folder):
         return pretrained_run(folder, load_tinylm_run(folder, resolve_device(device)))
@@ -161,7 +173,7 @@ def load_finetune_output(folder: Path, device: str = "auto") -> Run:
     """A `tinylm finetune` output folder, ready to answer through the chat template it was trained with: its merged
     model/ when it has one, else the base with the adapter on top."""
     if (folder / MERGED_MODEL_FOLDER).is_dir():
-        return load(folder / MERGED_MODEL_FOLDER, device)
+        return load_as_saved(folder / MERGED_MODEL_FOLDER, device)
     from peft import PeftModel
 
     info = read_json(folder / FINETUNE_RESULT_FILE)

@@ -295,11 +295,17 @@ def usage(prompt_tokens: int, pieces: list[Piece]) -> dict[str, int]:
 
 
 def serve(
-    run_dir: str, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None, device: str = "auto"
+    run_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: ServeLimits | None = None,
+    device: str = "auto",
+    quantize: str | None = None,
 ) -> None:
-    """Load the model (anything `tinylm.load` takes) and answer HTTP requests until interrupted."""
+    """Load the model (anything `tinylm.load` takes; `quantize` as for it) and answer HTTP requests until
+    interrupted."""
     import uvicorn
 
-    run = load(run_dir, device)
+    run = load(run_dir, device, quantize)
     print(f"tinylm: serving {run.path} as '{run.path.name}' on http://{host}:{port}/ (playground at /, API at /v1)")
     uvicorn.run(create_app(run, limits), host=host, port=port, log_level="warning")
