@@ -83,7 +83,7 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
 
 def greedy_tokens(model, ids: list[int], new_tokens: int) -> list[int]:
     steps = generate_tokens(model, [ids], SampleConfig(max_new_tokens=new_tokens, temperature=0.0, top_k=None))
-    return [token for (token,) in steps if token is not None]
+    return [token.id for (token,) in steps if token is not None]
 
 
 def assert_same_greedy(run: tinylm.Run, hf_model, ids: list[int], new_tokens: int = 12) -> None:
