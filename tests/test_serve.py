@@ -468,3 +468,68 @@ def test_the_playground_streams_a_completion_in_a_headless_browser(server, tmp_p
         assert browser.evaluate("document.getElementById('status').textContent") == "done (length)"
     finally:
         browser.close()
+
+
+MULTIPLE_CHOICE = [  # question, choices, index of the answer
+    ("The cat sat on the", ["mat", "sky", "idea"], 0),
+    ("Two plus two is", ["four", "blue", "seven"], 0),
+    ("The sun rises in the", ["west", "east", "cupboard"], 1),
+    ("Water is", ["dry", "wet", "loud"], 1),
+    ("A dog says", ["woof", "meow", "moo"], 0),
+    ("Snow is", ["black", "green", "white"], 2),
+]
+TASK_YAML = """task: tinylm_local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_scores_a_multiple_choice_task_through_the_server(tmp_path):
+    """`lm_eval --model local-completions` (the real command) against the server, over a task YAML and a jsonl file
+    written here. It reads each choice's log-likelihood from echoed prompt logprobs (max_tokens 1, logprobs 1) with
+    the prompts as token ids (the server's /tokenize): its accuracy must be what the model's own log-softmax gives."""
+    lm_eval = Path(sys.executable).parent / "lm_eval"
+    if not lm_eval.exists():
+        pytest.skip("needs lm-eval: pip install 'tinylm[eval]'")
+    run_dir = untrained_run(tmp_path / "mc", tokenizer=CharTokenizer.train([string.printable]), block_size=64)
+    run = tinylm.load(run_dir, device="cpu")
+    data = tmp_path / "mc.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in MULTIPLE_CHOICE)
+    )
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mc.yaml").write_text(TASK_YAML.format(data=data))
+
+    def loglikelihood(context: str, continuation: str) -> float:
+        ids = run.tokenizer.encode(context + continuation)
+        return float(log_softmax_of(run, ids)[len(context) - 1 :].sum())  # one token per character
+
+    right = [
+        max(range(len(choices)), key=lambda i: loglikelihood(question, " " + choices[i])) == answer
+        for question, choices, answer in MULTIPLE_CHOICE
+    ]
+    with Server(create_app(run, LIMITS)) as server:
+        model_args = f"base_url={server.url}/v1/completions,model=mc,tokenizer_backend=remote,max_length=64"
+        command = [str(lm_eval), "--model", "local-completions"]
+        command += ["--model_args", model_args, "--tasks", "tinylm_local_mc", "--include_path", str(tmp_path / "tasks")]
+        command += ["--batch_size", "4", "--output_path", str(tmp_path / "results"), "--log_samples"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OPENAI_API_KEY": "unused"}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(next((tmp_path / "results").rglob("results_*.json")).read_text())
+    assert results["results"]["tinylm_local_mc"]["acc,none"] == pytest.approx(sum(right) / len(right))
+    samples = next((tmp_path / "results").rglob("samples_tinylm_local_mc_*.jsonl")).read_text().splitlines()
+    for sample in map(json.loads, samples):
+        question, choices, _ = MULTIPLE_CHOICE[sample["doc_id"]]
+        scored = [float(loglikelihood) for loglikelihood, _ in sample["filtered_resps"]]  # written as strings
+        assert scored == pytest.approx([loglikelihood(question, " " + choice) for choice in choices], abs=1e-4)
