@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import REPO, untrained_run
+from conftest import REPO, run_cli, untrained_run
 
 import tinylm
 from tinylm.tokenizers import CharTokenizer
@@ -468,6 +468,19 @@ def test_the_playground_streams_a_completion_in_a_headless_browser(server, tmp_p
         assert browser.evaluate("document.getElementById('status').textContent") == "done (length)"
     finally:
         browser.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "99999"], "--port must be a TCP port, 0 to 65535, not 99999"),
+        (["--max-batch", "0"], "--max-batch must be at least 1, not 0"),
+        (["--max-stop-chars", "-1"], "--max-stop-chars must be at least 1, not -1"),
+    ],
+)
+def test_bad_serve_flags_are_one_line(run, capsys, flags, message):
+    code, _, err = run_cli(capsys, "serve", str(run.path), *flags)
+    assert code == 1 and err == f"tinylm: error: {message}\n"
 
 
 MULTIPLE_CHOICE = [  # question, choices, index of the answer

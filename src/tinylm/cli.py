@@ -343,6 +343,8 @@ def run_eval(args) -> int:
 def run_serve(args) -> int:
     from tinylm.serve import serve
 
+    if not 0 <= args.port <= 65535:
+        raise TinylmError(f"--port must be a TCP port, 0 to 65535, not {args.port}")
     limits = ServeLimits(**{limit.name: args[limit.name] for limit in fields(ServeLimits)})
     check_serve_limits(limits)
     serve(args.run_dir, args.host, args.port, limits, args.device, args.api_key)

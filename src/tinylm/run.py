@@ -87,7 +87,8 @@ class Run:
 
     def stream(self, prompt: str, **options) -> Iterator[str]:
         """Yield the continuation of `prompt` piece by piece; unset options come from the run's `sample` config
-        (`max_new_tokens`, `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty`, `stop`, `seed`)."""
+        (`max_new_tokens`, `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty`, `presence_penalty`,
+        `frequency_penalty`, `logit_bias`, `stop`, `seed`)."""
         for piece in self.stream_ids([encode_prompt(self.tokenizer, prompt)], self.sampling(**options)):
             if piece.text:
                 yield piece.text
