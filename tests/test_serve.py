@@ -116,6 +116,9 @@ def test_streaming_gives_the_same_text_piece_by_piece(client):
         ({"model": "story", "prompt": ""}, 400, "empty"),
         ({"model": "story", "prompt": "All:", "top_p": 2}, 400, "top_p"),
         ({"model": "story"}, 400, "prompt"),
+        ("[]", 400, "the request body: Input should be a valid dictionary"),
+        ({"model": "story", "prompt": [["a"]]}, 400, "prompt must be str or list[str] or list[int] or list[list[int]]"),
+        ({"model": "story", "prompt": "All:", "stop": [1]}, 400, "stop must be str or list[str], not [1]"),
         ({"model": "story", "prompt": "All:", "n": 9}, 400, "9 texts"),
         ({"model": "story", "prompt": ["All:"] * 1000}, 400, "1000 texts"),
         ({"model": "story", "prompt": ["All:"] * 8, "max_tokens": 64, "n": 1}, 400, "holds 544 tokens"),
@@ -156,7 +159,11 @@ def test_bad_requests_get_4xx_with_an_openai_error_body(server, body, status, wo
     [
         ([{"role": "tool", "content": "x"}], {}, "messages.0.role"),
         ([{"role": "user", "content": "x", "name": "me"}], {}, "messages.0.name: this server does not support"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], {}, "messages.0.content"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            {},
+            "messages.0.content must be str or list[TextPart]",
+        ),
         ([], {}, "messages"),
         ([{"role": "user", "content": "All"}], {"top_logprobs": 2}, "top_logprobs needs logprobs: true"),
         ([{"role": "user", "content": "All"}], {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),

@@ -35,7 +35,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from importlib.resources import files
 from itertools import chain
-from typing import Any, Literal, get_type_hints
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from tinylm.config import API_KEY_VARIABLE, SampleConfig, ServeLimits, check_sample_config, field_docs
 from tinylm.errors import TinylmError
@@ -185,6 +186,35 @@ class RequireAPIKey:
         await self.app(scope, receive, send)
 
 
+REQUEST_MODELS = (CompletionRequest, ChatRequest, ChatMessage, TextPart, StreamOptions, TokenizeRequest)
+UNION_FIELDS = {
+    name
+    for model in REQUEST_MODELS
+    for field_name, info in model.model_fields.items()
+    if get_origin(info.annotation) in (Union, UnionType)
+    and len([kind for kind in get_args(info.annotation) if kind is not type(None)]) > 1
+    for name in (field_name, *getattr(info.validation_alias, "choices", ()))
+}
+"""Fields that take one of several forms (prompt, stop, content): pydantic reports a value that fits none of them
+once per form."""
+
+
+def describe_invalid(errors: list[dict]) -> tuple[str, str]:
+    """(the field, a one-line message) for pydantic's errors about a request body. A value that fits none of a union's
+    forms (a prompt of [["a"]]) is reported once, with the forms it may take, not as one error per form."""
+    first = errors[0]
+    parts = [part for part in first.get("loc", ()) if part != "body"]
+    union = next((i + 1 for i, part in enumerate(parts[:-1]) if part in UNION_FIELDS), None)
+    if union is None:
+        where = ".".join(map(str, parts))
+        if first.get("type") == "extra_forbidden":
+            return where, f"{where}: this server does not support this field; leave it out"
+        return where, f"{where or 'the request body'}: {first.get('msg')}"
+    where, prefix = ".".join(map(str, parts[:union])), ("body", *parts[:union])
+    forms = dict.fromkeys(e["loc"][len(prefix)] for e in errors if tuple(e["loc"][: len(prefix)]) == prefix)
+    return where, f"{where} must be {' or '.join(map(str, forms))}, not {json.dumps(first.get('input'))[:200]}"
+
+
 def create_app(
     run: Run, limits: ServeLimits | None = None, model_name: str | None = None, api_key: str | None = None
 ) -> FastAPI:
@@ -204,14 +234,12 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        if first.get("type") == "json_invalid":
+        errors = error.errors()
+        if errors[0].get("type") == "json_invalid":
             return error_response(400, "the request body is not valid JSON", code="invalid_json")
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        if first.get("type") == "extra_forbidden":
-            message = f"{where}: this server does not support this field; leave it out"
-            return error_response(400, message, param=where, code="unsupported_field")
-        return error_response(400, f"{where}: {first.get('msg')}", param=where or None)
+        where, message = describe_invalid(errors)
+        code = "unsupported_field" if errors[0].get("type") == "extra_forbidden" else None
+        return error_response(400, message, param=where or None, code=code)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
