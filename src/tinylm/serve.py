@@ -520,8 +520,7 @@ def create_app(
         started = set()
 
         def entry(token: int, logprob: float) -> dict:
-            text = token_text(token)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            return {"token": token_text(token), "logprob": logprob, "bytes": list(tokenizer.token_bytes(token))}
 
         def logprobs_of(piece: Piece) -> dict | None:
             if top is None:
