@@ -448,33 +448,40 @@ class Chromium:
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Chromium for the browser test: apt-get install -y chromium")
-def test_the_playground_streams_a_completion_in_a_headless_browser(server, tmp_path):
-    """A person's steps in a real browser: the page loads, the form is filled in and submitted, and the text streams
-    into the page: the same text the API gives."""
-    expected = httpx.post(
-        f"{server.url}/v1/completions",
-        json={"model": "story", "prompt": "All:", "max_tokens": 30, "temperature": 0, "top_p": 0.95},
-    ).json()["choices"][0]["text"]
-    browser = Chromium(tmp_path / "profile")
-    try:
-        browser.open(server.url + "/")
-        deadline = time.monotonic() + 60
-        while "story" not in (browser.evaluate("document.getElementById('model').textContent") or ""):
-            assert time.monotonic() < deadline, "the page never showed the model's name"
-            time.sleep(0.1)
-        browser.evaluate(
-            "document.getElementById('prompt').value = 'All:';"
-            "document.getElementById('temperature').value = '0';"
-            "document.getElementById('max_tokens').value = '30';"
-            "document.getElementById('generate').click();"
-        )
-        while not browser.evaluate("document.getElementById('status').textContent").startswith("done"):
-            assert time.monotonic() < deadline, f"no end of stream: {browser.evaluate('document.body.innerText')}"
-            time.sleep(0.02)
-        assert browser.evaluate("document.getElementById('completion').textContent") == expected
-        assert browser.evaluate("document.getElementById('status').textContent") == "done (length)"
-    finally:
-        browser.close()
+@pytest.mark.parametrize("key", [None, "sekrit"], ids=["open", "with-api-key"])
+def test_the_playground_streams_a_completion_in_a_headless_browser(run, tmp_path, key):
+    """A person's steps in a real browser: the page loads, the form is filled in (with the API key, when the server
+    asks for one) and submitted, and the text streams into the page: the same text the API gives."""
+    with Server(create_app(run, LIMITS, api_key=key)) as server:
+        expected = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"model": "story", "prompt": "All:", "max_tokens": 30, "temperature": 0, "top_p": 0.95},
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+        ).json()["choices"][0]["text"]
+        browser = Chromium(tmp_path / "profile")
+        try:
+            browser.open(server.url + "/")
+            deadline = time.monotonic() + 60
+            # Without the key typed in, the page cannot learn the model's name: it says that it needs the key.
+            shown = "API key" if key else "story"
+            while shown not in (browser.evaluate("document.getElementById('model').textContent") or ""):
+                assert time.monotonic() < deadline, f"the page never showed '{shown}' as the model"
+                time.sleep(0.1)
+            assert browser.evaluate("document.getElementById('key_label').hidden") == (key is None)
+            browser.evaluate(
+                f"document.getElementById('api_key').value = {json.dumps(key or '')};"
+                "document.getElementById('prompt').value = 'All:';"
+                "document.getElementById('temperature').value = '0';"
+                "document.getElementById('max_tokens').value = '30';"
+                "document.getElementById('generate').click();"
+            )
+            while not browser.evaluate("document.getElementById('status').textContent").startswith("done"):
+                assert time.monotonic() < deadline, f"no end of stream: {browser.evaluate('document.body.innerText')}"
+                time.sleep(0.02)
+            assert browser.evaluate("document.getElementById('completion').textContent") == expected
+            assert browser.evaluate("document.getElementById('status').textContent") == "done (length)"
+        finally:
+            browser.close()
 
 
 @pytest.mark.parametrize(
