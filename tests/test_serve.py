@@ -371,21 +371,25 @@ def test_the_openai_client_sees_an_unknown_model_as_not_found(client):
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
 
 
-def test_requests_beyond_the_concurrency_limit_get_429_and_health_stays_responsive(server):
-    body = {"model": "story", "prompt": "All:", "max_tokens": 64, "temperature": 1, "stream": True}
-    with httpx.Client(base_url=server.url, timeout=30) as http:
+def test_requests_beyond_the_concurrency_limit_get_429_and_health_stays_responsive(run):
+    """Two streams that would last minutes (200,000 tokens, end of text banned) hold both slots."""
+    limits = ServeLimits(max_tokens=200_000, max_concurrent=2, max_batch_tokens=300_000)
+    never_ends = {run.tokenizer.end_of_text: -100}
+    body = {"model": "story", "prompt": "All:", "max_tokens": 200_000, "logit_bias": never_ends, "stream": True}
+    short = {"model": "story", "prompt": "All:", "max_tokens": 2}
+    with Server(create_app(run, limits)) as server, httpx.Client(base_url=server.url, timeout=30) as http:
         streams = [http.stream("POST", "/v1/completions", json=body) for _ in range(2)]
-        responses = [stream.__enter__() for stream in streams]  # two streams hold both slots
+        responses = [stream.__enter__() for stream in streams]
         try:
             assert all(response.status_code == 200 for response in responses)
-            busy = http.post("/v1/completions", json={**body, "stream": False})
+            busy = http.post("/v1/completions", json=short)
             assert busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error"
             assert http.get("/health").json()["status"] == "ok"
         finally:
             for stream in streams:
                 stream.__exit__(None, None, None)
         deadline = time.monotonic() + 20
-        while http.post("/v1/completions", json={**body, "stream": False}).status_code == 429:
+        while http.post("/v1/completions", json=short).status_code == 429:
             assert time.monotonic() < deadline, "the slots were never given back"
             time.sleep(0.1)
 

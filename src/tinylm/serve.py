@@ -226,7 +226,9 @@ def create_app(
     # A hub name or a packaged model has no folder of its own to date it by.
     created = int(run.path.stat().st_mtime) if run.path.exists() else int(time.time())
     app = FastAPI(title="tinylm", docs_url=None, redoc_url=None)
-    generating = asyncio.Semaphore(limits.max_concurrent)
+    # A thread's semaphore, not asyncio's: the worker thread gives its slot back itself, whether or not the event loop
+    # that started it is still there to be told (a test client's loop may close first).
+    slots = threading.BoundedSemaphore(limits.max_concurrent)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -343,11 +345,10 @@ def create_app(
         """Run `produce(cancel)` in a worker thread under the concurrency limit and give its pieces as they come. When
         this iterator is closed early (a stream's client went away) or `client` disconnects (looked at every
         DISCONNECT_POLL_S), the cancel flag stops the model at its next token; the slot is free once it has stopped."""
-        if generating.locked():
+        if not slots.acquire(blocking=False):
             raise APIError(429, f"the server is busy with {limits.max_concurrent} requests; retry shortly")
-        await generating.acquire()
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
+        queue: asyncio.Queue[Piece | Exception | None] = asyncio.Queue()
         cancel = threading.Event()
 
         def on_the_loop(callback: Callable, *args) -> None:
@@ -355,14 +356,15 @@ def create_app(
                 loop.call_soon_threadsafe(callback, *args)
 
         def work() -> None:
+            end: Exception | None = None
             try:
                 for piece in produce(cancel):
                     on_the_loop(queue.put_nowait, piece)
-                on_the_loop(queue.put_nowait, None)
             except Exception as error:
-                on_the_loop(queue.put_nowait, error)
+                end = error
             finally:
-                on_the_loop(generating.release)
+                slots.release()  # before the answer ends: a client's next request finds its slot free
+            on_the_loop(queue.put_nowait, end)
 
         # Started here, not when the pieces are first asked for, so that the slot is given back even if they never are.
         threading.Thread(target=work, name="tinylm-generate", daemon=True).start()
@@ -382,7 +384,7 @@ def create_app(
                     item, getter = getter.result(), None
                     if item is None:
                         return
-                    if isinstance(item, BaseException):
+                    if isinstance(item, Exception):
                         raise item
                     yield item
             finally:
