@@ -5,6 +5,7 @@ run folder made here: a ~15M-parameter GPT (random weights) with a character voc
 --max-tokens tokens at temperature 0.8 with its own seed. Everything is bounded: a timeout per request and overall.
 
     OMP_NUM_THREADS=1 python bench/serve_load.py --requests 200 --concurrency 8
+    OMP_NUM_THREADS=1 python bench/serve_load.py --requests 200 --concurrency 8 --score   # lm-eval's log-likelihoods
 """
 
 from __future__ import annotations
@@ -90,9 +91,11 @@ def send_load(
     max_tokens: int,
     timeout: float,
     headers: dict[str, str] | None = None,
+    score: bool = False,
 ) -> tuple[list[tuple[bool, float, int]], float]:
     """`requests` completion requests, `concurrency` at a time, each with its own seed: (ok, seconds, completion
-    tokens) for each, and the wall time of all."""
+    tokens) for each, and the wall time of all. With `score`, each asks for its prompt's log-probabilities as
+    lm-eval's log-likelihood requests do (echo, logprobs 1, max_tokens 1) instead of sampling."""
 
     def request(index: int) -> tuple[bool, float, int]:
         body = {
@@ -102,6 +105,8 @@ def send_load(
             "temperature": 0.8,
             "seed": index,
         }
+        if score:
+            body |= {"echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
         start = time.perf_counter()
         try:
             response = httpx.post(url + "/v1/completions", json=body, timeout=timeout, headers=headers)
@@ -123,13 +128,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=120.0, help="Seconds per request.")
+    parser.add_argument("--score", action="store_true", help="Log-likelihood requests (echo + logprobs), as lm-eval's.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "bench-15m"
         parameters = random_run(run_dir)
         with running_server(run_dir, "--max-concurrent", str(args.concurrency)) as url:
             results, elapsed = send_load(
-                url, run_dir.name, args.requests, args.concurrency, args.max_tokens, args.timeout
+                url, run_dir.name, args.requests, args.concurrency, args.max_tokens, args.timeout, score=args.score
             )
     latencies = sorted(seconds for ok, seconds, _ in results if ok)
     if len(latencies) < 2:
@@ -139,7 +145,8 @@ def main() -> None:
         "model_parameters": parameters,
         "requests": args.requests,
         "concurrency": args.concurrency,
-        "max_tokens": args.max_tokens,
+        "max_tokens": 1 if args.score else args.max_tokens,
+        "score": args.score,
         "failures": sum(not ok for ok, _, _ in results),
         "latency_s": {"p50": round(quantiles[49], 3), "p95": round(quantiles[94], 3), "max": round(latencies[-1], 3)},
         "requests_per_s": round(args.requests / elapsed, 2),
