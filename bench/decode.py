@@ -57,7 +57,7 @@ def main() -> None:
     sampling = SampleConfig(max_new_tokens=args.new_tokens, temperature=0)
 
     def tinylm_decode(use_cache: bool) -> list[int]:
-        return [token for (token,) in generate_tokens(model, [prompt], sampling, use_cache=use_cache)]
+        return [token.id for (token,) in generate_tokens(model, [prompt], sampling, use_cache=use_cache)]
 
     tinylm_decode(True)  # warm-up: first-call allocations
     results = {}

@@ -227,3 +227,12 @@ def hf_logits(model, ids: list[int]):
 
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
+
+
+def greedy_tokens(model, ids: list[int], new_tokens: int) -> list[int]:
+    """tinylm's greedy continuation of `ids`, as token ids."""
+    from tinylm.config import SampleConfig
+    from tinylm.generate import generate_tokens
+
+    steps = generate_tokens(model, [ids], SampleConfig(max_new_tokens=new_tokens, temperature=0.0, top_k=None))
+    return [token.id for (token,) in steps if token is not None]

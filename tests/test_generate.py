@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -18,7 +19,10 @@ from tinylm.generate import (
     keep_min_p,
     keep_top_k,
     keep_top_p,
+    penalize_presence_and_frequency,
     penalize_repetition,
+    prompt_logprobs,
+    stream_text,
 )
 from tinylm.tokenizers import CharTokenizer, HuggingFaceTokenizer
 
@@ -168,3 +172,48 @@ def test_a_char_run_streams_characters_as_they_come(tmp_path):
     run = tinylm.load(untrained_run(tmp_path / "run", tokenizer=CharTokenizer.train([SMALL_TEXT])))
     pieces = list(run.stream("All:", max_new_tokens=10, temperature=0))
     assert all(len(piece) == 1 for piece in pieces)
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula():
+    logits = torch.tensor([[1.0, 2.0, -1.0, 0.5]])
+    counts = torch.tensor([[0, 1, 3, 0]], dtype=torch.int32)  # tokens already in the continuation
+    sampling = SampleConfig(presence_penalty=0.5, frequency_penalty=0.25)
+    expected = torch.tensor([[1.0, 2.0 - 0.25 - 0.5, -1.0 - 0.75 - 0.5, 0.5]])
+    assert torch.equal(penalize_presence_and_frequency(logits, counts, sampling), expected)
+    assert penalize_presence_and_frequency(logits, counts, SampleConfig()) is logits  # off: untouched
+
+
+@pytest.mark.parametrize("model", [{}, LLAMA_STYLE], ids=["learned-positions", "rope"])
+def test_logprobs_are_the_models_log_softmax_for_prompts_and_new_tokens(tmp_path, model):
+    run = tinylm.load(untrained_run(tmp_path / "run", **model))
+    prompts = [run.tokenizer.encode("All:\nSpeak"), run.tokenizer.encode("F")]  # batched: padded on the right
+    sampling = SampleConfig(max_new_tokens=6, temperature=0, repetition_penalty=1.5)  # a penalty changes no logprob
+    steps = list(generate_tokens(run.model, prompts, sampling, top_logprobs=3))
+    for row, (prompt, scored) in enumerate(zip(prompts, prompt_logprobs(run.model, prompts, 3))):
+        new = [step[row] for step in steps if step[row] is not None]
+        ids = prompt + [token.id for token in new]
+        with torch.no_grad():
+            expected = torch.log_softmax(run.model(torch.tensor([ids]))[0][0, :-1], dim=-1)
+        assert scored[0].logprob is None and [token.id for token in scored] == prompt
+        for position, token in enumerate(scored[1:] + new, start=1):
+            assert token.logprob == pytest.approx(expected[position - 1, token.id].item(), abs=1e-5)
+            best = torch.topk(expected[position - 1], 3)
+            assert [i for i, _ in token.top] == best.indices.tolist()
+    with pytest.raises(TinylmError, match="fit in the model's context, 32 tokens"):
+        prompt_logprobs(run.model, [[0] * 33], 1)
+
+
+def test_a_cancelled_generation_stops_at_the_next_token(tmp_path):
+    run = tinylm.load(untrained_run(tmp_path / "run"))
+    cancel = threading.Event()
+    pieces = stream_text(run.model, run.tokenizer, [run.tokenizer.encode("All")], SampleConfig(max_new_tokens=500,
+                         temperature=0), cancel=cancel)  # fmt: skip
+    next(pieces)
+    cancel.set()
+    assert list(pieces) == []
+
+
+def test_logit_bias_outside_the_vocabulary_is_one_line(tmp_path, capsys):
+    run_dir = untrained_run(tmp_path / "run")
+    code, _, err = run_cli(capsys, "generate", str(run_dir), "--logit-bias", '{"9999": -100}')
+    assert code == 1 and err == "tinylm: error: logit_bias names token 9999, but the vocabulary has ids 0 to 35\n"

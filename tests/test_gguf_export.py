@@ -10,6 +10,7 @@ import torch
 from conftest import (
     SMALL_TEXT,
     bpe_tokenizer,
+    greedy_tokens,
     hf_logits,
     make_run,
     run_cli,
@@ -18,8 +19,6 @@ from conftest import (
 from llama_cpp import missing, run_llama_cpp
 
 import tinylm
-from tinylm.config import SampleConfig
-from tinylm.generate import generate_tokens
 from tinylm.gguf_export import export_gguf, split_rotary_pairs
 from tinylm.hf import import_model, tokenizers_backend
 from tinylm.tokenizers import CharTokenizer, TiktokenTokenizer, pretrained_tokenizer
@@ -49,11 +48,6 @@ GPT2_STYLE = {"mlp": "gelu_tanh"}
 def one_thread():
     torch.set_num_threads(1)
     transformers.utils.logging.disable_progress_bar()  # the tests read stderr
-
-
-def greedy_tokens(model, ids: list[int], new_tokens: int) -> list[int]:
-    steps = generate_tokens(model, [ids], SampleConfig(max_new_tokens=new_tokens, temperature=0.0, top_k=None))
-    return [token for (token,) in steps if token is not None]
 
 
 # --- What the file holds ------------------------------------------------------------------------------------------

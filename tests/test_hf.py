@@ -10,6 +10,7 @@ import yaml
 from conftest import (
     SMALL_TEXT,
     bpe_tokenizer,
+    greedy_tokens,
     hf_logits,
     make_run,
     perturb,
@@ -21,8 +22,6 @@ from conftest import (
 )
 
 import tinylm
-from tinylm.config import SampleConfig
-from tinylm.generate import generate_tokens
 from tinylm.hf import export_hf, import_model, resolve_source, tokenizers_backend
 from tinylm.runs import CONFIG_FILE
 from tinylm.tokenizers import CharTokenizer, TiktokenTokenizer, Tokenizer
@@ -44,11 +43,6 @@ def save_hf_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
     transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizers_backend(tokenizer), eos_token=end, bos_token=end
     ).save_pretrained(str(folder))
-
-
-def greedy_tokens(model, ids: list[int], new_tokens: int) -> list[int]:
-    steps = generate_tokens(model, [ids], SampleConfig(max_new_tokens=new_tokens, temperature=0.0, top_k=None))
-    return [token for (token,) in steps if token is not None]
 
 
 def assert_same_greedy(run: tinylm.Run, hf_model, ids: list[int], new_tokens: int = 12) -> None:

@@ -226,7 +226,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, **sampling) -> list[
     from tinylm.generate import generate_tokens
 
     steps = generate_tokens(model, [prompt], SampleConfig(max_new_tokens=max_new_tokens, top_k=None, **sampling))
-    return [token for (token,) in steps]
+    return [token.id for (token,) in steps]
 
 
 @pytest.mark.parametrize("options", [{}, LLAMA_STYLE], ids=["gpt2", "llama"])

@@ -58,12 +58,27 @@ CASES = [  # (SampleConfig field, value, good?)
     ("stop", ["\n"], True),
     ("stop", [], True),
     ("stop", [""], False),
+    ("seed", 2**70, False),
+    ("presence_penalty", 1.5, True),
+    ("presence_penalty", -2, True),
+    ("presence_penalty", 2.5, False),
+    ("presence_penalty", nan, False),
+    ("frequency_penalty", 0.5, True),
+    ("frequency_penalty", -3, False),
+    ("frequency_penalty", inf, False),
+    ("logit_bias", {}, True),
+    ("logit_bias", {3: -100, 4: 5.5}, True),  # typed as JSON, whose keys are strings: {"3": -100, "4": 5.5}
+    ("logit_bias", {3: 101}, False),
+    ("logit_bias", {99999: 1}, False),  # outside the vocabulary
+    ("logit_bias", {-1: 1}, False),
+    ("logit_bias", {3: nan}, False),
+    ("logit_bias", ["3"], False),
 ]
 
 
 def as_text(value) -> str:
     """How a person types the value on the command line or after /set."""
-    return json.dumps(value) if isinstance(value, list) else "null" if value is None else str(value)
+    return json.dumps(value) if isinstance(value, list | dict) else "null" if value is None else str(value)
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,7 @@ def test_every_kind_of_tokenizer_round_trips_unicode_and_reloads(tmp_path, bpe_t
     for kind, tokenizer in every_kind(bpe_tokenizer, tokenizer_json).items():
         ids = tokenizer.encode(text)
         assert tokenizer.decode(ids) == text, kind
+        assert b"".join(tokenizer.token_bytes(token) for token in ids) == text.encode(), kind
         assert tokenizer.end_of_text not in ids, kind  # a literal separator in text stays text
         folder = tmp_path / kind.replace(":", "-").replace(".", "-")
         folder.mkdir()

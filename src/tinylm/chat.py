@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from tinylm.config import SampleConfig, check_sample_config, setting_from_text
 from tinylm.errors import TinylmError
+from tinylm.generate import check_logit_bias
 from tinylm.run import Run
 
 SETTABLE = [f.name for f in fields(SampleConfig) if f.name != "prompt"]  # a chat's prompt is its conversation
@@ -61,6 +62,7 @@ class ChatSession:
             raise TinylmError(f"cannot set '{key}'; settable: {', '.join(SETTABLE)}")
         sampling = replace(self.sampling, **{key: setting_from_text(SampleConfig, key, value)})
         check_sample_config(sampling)
+        check_logit_bias(sampling, self.run.model.config.vocab_size)
         self.sampling = sampling
 
 

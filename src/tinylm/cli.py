@@ -12,14 +12,17 @@ from typing import Any, Literal, get_type_hints
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from tinylm.config import (
+    API_KEY_VARIABLE,
     Config,
     DataConfig,
     ExportConfig,
     FinetuneConfig,
     LoadConfig,
     SampleConfig,
+    ServeLimits,
     TrainConfig,
     check_config,
+    check_serve_limits,
     field_docs,
     setting_from_text,
 )
@@ -93,9 +96,17 @@ def build_parser() -> ArgumentParser:
     serve.add_argument("run_dir", type=str, help=MODEL_HELP)
     serve.add_argument("--host", type=str, default="127.0.0.1", help="Address to listen on (default: this machine).")
     serve.add_argument("--port", type=int, default=8000, help="TCP port.")
-    serve.add_argument("--max-prompt-tokens", type=int, default=4096, help="Longest prompt accepted, in tokens.")
-    serve.add_argument("--max-tokens", type=int, default=1024, help="Most new tokens one request may ask for.")
-    serve.add_argument("--max-concurrent", type=int, default=4, help="Requests generating at once; more get 429.")
+    limit_docs = field_docs(ServeLimits)
+    for limit in fields(ServeLimits):
+        serve.add_argument(
+            f"--{limit.name.replace('_', '-')}", type=int, default=limit.default, help=limit_docs[limit.name]
+        )
+    serve.add_argument(
+        "--api-key",
+        type=str | None,
+        default=None,
+        help=f"Answer 401 to requests without `Authorization: Bearer KEY` (default: ${API_KEY_VARIABLE}, else none).",
+    )
     serve.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, mps.")
     add_dataclass_options(serve, LoadConfig)
     commands.add_subcommand("serve", serve, help="Serve a run over HTTP on localhost (`pip install 'tinylm[serve]'`).")
@@ -358,13 +369,13 @@ def run_eval(args) -> int:
 
 
 def run_serve(args) -> int:
-    from tinylm.serve import ServeLimits, serve
+    from tinylm.serve import serve
 
-    for key in ("max_prompt_tokens", "max_tokens", "max_concurrent"):
-        if args[key] < 1:
-            raise TinylmError(f"--{key.replace('_', '-')} must be at least 1, not {args[key]}")
-    limits = ServeLimits(args.max_prompt_tokens, args.max_tokens, args.max_concurrent)
-    serve(args.run_dir, args.host, args.port, limits, args.device, **load_options(args))
+    if not 0 <= args.port <= 65535:
+        raise TinylmError(f"--port must be a TCP port, 0 to 65535, not {args.port}")
+    limits = ServeLimits(**{limit.name: args[limit.name] for limit in fields(ServeLimits)})
+    check_serve_limits(limits)
+    serve(args.run_dir, args.host, args.port, limits, args.device, args.api_key, **load_options(args))
     return 0
 
 

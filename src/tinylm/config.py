@@ -250,6 +250,14 @@ class SampleConfig:
     """Drop tokens less likely than min_p times the likeliest token (0: keep all)."""
     repetition_penalty: float = 1.0
     """Make tokens already in the text less likely: above 1 penalises repeats (1: off)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token the continuation already holds (OpenAI's; the prompt's tokens do not
+    count), from -2 to 2: above 0 steers towards new tokens (0: off)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once for each time the continuation already holds it (OpenAI's), from -2 to 2:
+    above 0 discourages verbatim repeats (0: off)."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Added to the logits of these token ids before sampling, from -100 (never) to 100 (always), e.g. {"0": -100}."""
     stop: list[str] = field(default_factory=list)
     """Strings that end the text; the text is cut just before the first one."""
     seed: int | None = 1337
@@ -274,6 +282,37 @@ class ExportConfig:
     """GGUF weight type: f32 (llama.cpp computes tinylm's logits), f16, bf16, or llama.cpp's block quantizations
     q8_0, q5_1, q5_0, q4_1, q4_0 (a matrix whose rows are not a multiple of 32 stays f16; norms and biases stay
     f32). The gguf package writes no k-quants."""
+
+
+@dataclass
+class ServeLimits:
+    """What `tinylm serve` lets one request ask for, and how many it serves at once: each limit is a flag of
+    `tinylm serve`, and a request beyond one gets a 400 that names it."""
+
+    max_prompt_tokens: int = 4096
+    """Longest prompt accepted, in tokens."""
+    max_tokens: int = 1024
+    """Most new tokens one text may ask for (also what a chat request that gives no max_tokens gets)."""
+    max_concurrent: int = 4
+    """Requests generating at once; more are answered 429 at once."""
+    max_batch: int = 16
+    """Most texts one request generates: its prompts times n."""
+    max_batch_tokens: int = 32768
+    """Most tokens one request may hold, summed over its texts: each one's prompt and max_tokens."""
+    max_stop: int = 16
+    """Most stop strings in one request."""
+    max_stop_chars: int = 256
+    """Longest stop string, in characters."""
+
+
+API_KEY_VARIABLE = "TINYLM_API_KEY"
+"""The environment variable that gives `tinylm serve` its API key when --api-key does not."""
+
+
+def check_serve_limits(limits: ServeLimits) -> None:
+    for name, value in asdict(limits).items():
+        if value < 1:
+            raise TinylmError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
 
 
 @dataclass
@@ -407,6 +446,10 @@ def _typed(value: Any, kind: Any, key: str) -> Any:
         if isinstance(value, list):
             with contextlib.suppress(TinylmError):  # the error names the whole list's type, not an item's
                 return [_typed(item, args[0], key) for item in value]
+    elif origin is dict:
+        if isinstance(value, Mapping):
+            with contextlib.suppress(TinylmError):
+                return {_typed(k, args[0], key): _typed(v, args[1], key) for k, v in _int_keys(dict(value)).items()}
     elif kind is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
@@ -551,8 +594,8 @@ def check_sample_config(sample: SampleConfig, prefix: str = "") -> None:
         value = getattr(sample, name)
         if not _has_type(value, hint):
             raise TinylmError(f"{prefix}{name} must be {_type_words(hint)}, not {value!r}")
-    for name in ("temperature", "top_p", "min_p", "repetition_penalty"):  # nan passes every comparison below
-        if not math.isfinite(getattr(sample, name)):
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        if not math.isfinite(getattr(sample, name)):  # nan passes every comparison below
             raise TinylmError(f"{prefix}{name} must be a finite number, not {getattr(sample, name)}")
     if sample.max_new_tokens < 0:
         raise TinylmError(f"{prefix}max_new_tokens must be 0 or more, not {sample.max_new_tokens}")
@@ -566,8 +609,18 @@ def check_sample_config(sample: SampleConfig, prefix: str = "") -> None:
         raise TinylmError(f"{prefix}min_p must be in [0, 1), not {sample.min_p}")
     if sample.repetition_penalty <= 0:
         raise TinylmError(f"{prefix}repetition_penalty must be positive (1: off), not {sample.repetition_penalty}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2 <= getattr(sample, name) <= 2:
+            raise TinylmError(f"{prefix}{name} must be between -2 and 2 (0: off), not {getattr(sample, name)}")
+    for token, bias in sample.logit_bias.items():
+        if token < 0 or not -100 <= bias <= 100:  # nan fails the range test
+            raise TinylmError(
+                f"{prefix}logit_bias maps token ids (0 or more) to numbers from -100 to 100, not {token}: {bias}"
+            )
     if any(not stop for stop in sample.stop):
         raise TinylmError(f"{prefix}stop strings must not be empty")
+    if sample.seed is not None and not -(2**63) <= sample.seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise TinylmError(f"{prefix}seed must be between -2**63 and 2**64 - 1 (or null), not {sample.seed}")
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -587,9 +640,11 @@ def setting_from_text(cls: type, name: str, text: str) -> Any:
     if optional and text.strip().lower() in ("null", "none"):
         return None
     try:
-        value = json.loads(text) if get_origin(kind) is list else kind(text)
+        value = json.loads(text) if get_origin(kind) in (list, dict) else kind(text)
     except ValueError:  # json.JSONDecodeError is one too
         value = text
+    if get_origin(kind) is dict and isinstance(value, dict):
+        value = _int_keys(value)
     if not _has_type(value, hint):
         raise TinylmError(f"{name} must be {_type_words(hint)}, not {text!r}")
     return value
@@ -602,19 +657,34 @@ def _without_none(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
+def _int_keys(mapping: dict) -> dict:
+    """JSON's object keys are strings: {"50256": -100} means token 50256. A key that is no whole number stays as it
+    is, for the type check to name."""
+    return {int(key) if isinstance(key, str) and re.fullmatch(r"-?\d+", key) else key: v for key, v in mapping.items()}
+
+
 def _has_type(value: Any, hint: Any) -> bool:
     kind, optional = _without_none(hint)
     if value is None or isinstance(value, bool):  # bool is an int to Python, never a setting's number
         return value is None and optional
     if get_origin(kind) is list:
         return isinstance(value, list) and all(isinstance(item, get_args(kind)[0]) for item in value)
+    if get_origin(kind) is dict:
+        key_type, value_type = get_args(kind)
+        return isinstance(value, dict) and all(
+            _has_type(key, key_type) and _has_type(item, value_type) for key, item in value.items()
+        )
     return isinstance(value, (int, float) if kind is float else kind)
 
 
 def _type_words(hint: Any) -> str:
     kind, optional = _without_none(hint)
     lists = 'a list of strings, e.g. ["\\n\\n"]'
-    words = lists if get_origin(kind) is list else {int: "a whole number", float: "a number", str: "a string"}[kind]
+    maps = 'a map of token ids to numbers, e.g. {"0": -100}'
+    if get_origin(kind) in (list, dict):
+        words = lists if get_origin(kind) is list else maps
+    else:
+        words = {int: "a whole number", float: "a number", str: "a string"}[kind]
     return f"{words} or null" if optional else words
 
 

@@ -1,17 +1,24 @@
 """Sampling text from a language model: samplers, a KV-cached decode loop, and text streamed as it is produced.
 
-- `sample_next_token` turns a row of logits into a token: repetition penalty, then temperature, then the filters
-  `keep_top_k`, `keep_top_p` and `keep_min_p`, then a draw (or the argmax at temperature 0).
-- `generate_tokens` is the loop: a batch of prompts, one position per step, the model fed through `ContextWindow`.
+- `sample_next_token` turns a row of logits into a token: repetition penalty, presence and frequency penalties and
+  logit bias, then temperature, then the filters `keep_top_k`, `keep_top_p` and `keep_min_p`, then a draw (or the
+  argmax at temperature 0).
+- `generate_tokens` is the loop: a batch of prompts, one position per step, the model fed through `ContextWindow`;
+  each new token comes with its log-probability when asked (`prompt_logprobs` gives the prompt's).
 - `stream_text` turns each row's tokens into text pieces as they come, cut exactly before a stop string.
+
+Log-probabilities are always the model's own distribution, the log-softmax of its logits, before any sampling setting
+(penalties, bias, temperature, filters) changes it: what a scorer such as lm-eval needs.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tinylm.config import SampleConfig
@@ -69,11 +76,49 @@ def keep_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
 
 
-def sample_next_token(
-    logits: torch.Tensor, sampling: SampleConfig, seen: torch.Tensor, generator: torch.Generator | None
+def penalize_presence_and_frequency(
+    logits: torch.Tensor, generated: torch.Tensor, sampling: SampleConfig
 ) -> torch.Tensor:
-    """One token id per row of `logits` (B, vocab), as a (B,) tensor."""
+    """OpenAI's penalties: logit[j] -= generated[j] * frequency_penalty + (generated[j] > 0) * presence_penalty,
+    where `generated` (B, vocab) counts each token in the continuation so far."""
+    if not sampling.frequency_penalty and not sampling.presence_penalty:
+        return logits
+    counts = generated.to(logits.dtype)
+    return logits - counts * sampling.frequency_penalty - (counts > 0).to(logits.dtype) * sampling.presence_penalty
+
+
+def logit_bias_row(sampling: SampleConfig, vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    """`sampling.logit_bias` as a (vocab,) tensor to add to every row of logits; None without a bias."""
+    if not sampling.logit_bias:
+        return None
+    check_logit_bias(sampling, vocab_size)
+    bias = torch.zeros(vocab_size, device=device)
+    bias[list(sampling.logit_bias)] = torch.tensor(list(sampling.logit_bias.values()), device=device)
+    return bias
+
+
+def check_logit_bias(sampling: SampleConfig, vocab_size: int) -> None:
+    """The bias's token ids must exist in the model's vocabulary (the ranges are check_sample_config's)."""
+    outside = [token for token in sampling.logit_bias if token >= vocab_size]
+    if outside:
+        raise TinylmError(f"logit_bias names token {outside[0]}, but the vocabulary has ids 0 to {vocab_size - 1}")
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    sampling: SampleConfig,
+    seen: torch.Tensor,
+    generator: torch.Generator | None,
+    generated: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token id per row of `logits` (B, vocab), as a (B,) tensor. `seen` (bool) marks the tokens of each row's
+    text, prompt included; `generated` counts those of its continuation; `bias` is added to every row."""
     logits = penalize_repetition(logits.float(), seen, sampling.repetition_penalty)
+    if generated is not None:
+        logits = penalize_presence_and_frequency(logits, generated, sampling)
+    if bias is not None:
+        logits = logits + bias
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / sampling.temperature
@@ -117,18 +162,74 @@ class ContextWindow:
         return logits[:, -1]
 
 
+@dataclass(frozen=True)
+class Token:
+    """A token of a text, with its log-probability when it was asked for."""
+
+    id: int
+    logprob: float | None = None
+    """log P(this token | the text before it) under the model (the log-softmax of its logits); None when not asked
+    for, and for a text's first token, which nothing predicts."""
+    top: tuple[tuple[int, float], ...] = ()
+    """The likeliest tokens at this position, (id, logprob) likeliest first, as many as asked for."""
+
+
+def scored_tokens(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[Token]:
+    """`tokens` (T,) with their log-probabilities under `logits` (T, vocab) and the `top` likeliest at each."""
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+    best = torch.topk(logprobs, min(top, logprobs.shape[-1]), dim=-1)
+    pairs = [tuple(zip(ids, values)) for ids, values in zip(best.indices.tolist(), best.values.tolist())]
+    return [Token(token, logprob, likeliest) for token, logprob, likeliest in zip(tokens.tolist(), chosen, pairs)]
+
+
+def check_scorable(model: nn.Module, prompts: list[list[int]]) -> None:
+    """`prompt_logprobs` scores prompts that fit in the model's context, where every token sees all before it."""
+    block_size = model.config.block_size
+    if max(len(p) for p in prompts) > block_size:
+        raise TinylmError(f"log-probabilities of a prompt need it to fit in the model's context, {block_size} tokens")
+
+
+@torch.inference_mode()
+def prompt_logprobs(model: nn.Module, prompts: list[list[int]], top: int) -> list[list[Token]]:
+    """Each prompt's tokens with their log-probabilities (the first has none) and the `top` likeliest tokens at each
+    position: one forward pass over the batch, padded on the right (a causal model's earlier positions never see the
+    padding). A prompt must fit in the model's context, where every token sees all the tokens before it."""
+    check_scorable(model, prompts)
+    device = next(model.parameters()).device
+    longest = max(len(p) for p in prompts)
+    batch = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(batch)[0]
+    finally:
+        model.train(was_training)
+    return [
+        [Token(prompt[0]), *scored_tokens(logits[row, : len(prompt) - 1], batch[row, 1 : len(prompt)], top)]
+        for row, prompt in enumerate(prompts)
+    ]
+
+
 @torch.inference_mode()
 def generate_tokens(
-    model: nn.Module, prompts: list[list[int]], sampling: SampleConfig, use_cache: bool = True
-) -> Iterator[list[int | None]]:
+    model: nn.Module,
+    prompts: list[list[int]],
+    sampling: SampleConfig,
+    use_cache: bool = True,
+    top_logprobs: int | None = None,
+) -> Iterator[list[Token | None]]:
     """Sample `sampling.max_new_tokens` tokens after each prompt. Each step yields one entry per prompt: the new token,
-    or None while that prompt is still being read or once it has all its tokens.
+    or None while that prompt is still being read or once it has all its tokens. With `top_logprobs` (0 or more), each
+    token carries its log-probability and that many likeliest tokens.
 
     Prompts of different lengths advance in lockstep, one position per step: a row still inside its prompt is fed its
     own next prompt token instead of a sample. So every row's t-th token sits at position t, with no padding and no
     attention mask, and learned positions and RoPE alike see exactly what they would see for that prompt alone.
     """
     device = next(model.parameters()).device
+    vocab_size = model.config.vocab_size
+    bias = logit_bias_row(sampling, vocab_size, device)
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     shortest, longest = int(lengths.min()), int(lengths.max())
@@ -136,19 +237,26 @@ def generate_tokens(
     tokens = torch.zeros(len(prompts), total, dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = torch.tensor(prompt, device=device)
-    seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
+    seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
     seen.scatter_(1, tokens[:, :shortest], True)
+    generated = torch.zeros(len(prompts), vocab_size, dtype=torch.int32, device=device)
     window = ContextWindow(model, len(prompts), use_cache)
     was_training = model.training
     model.eval()
     try:
         for position in range(shortest, total):
-            sampled = sample_next_token(window.next_logits(tokens[:, :position]), sampling, seen, generator)
+            logits = window.next_logits(tokens[:, :position])
+            sampled = sample_next_token(logits, sampling, seen, generator, generated, bias)
             reading = position < lengths
             tokens[:, position] = torch.where(reading, tokens[:, position], sampled)
             seen.scatter_(1, tokens[:, position : position + 1], True)
             is_new = ~reading & (position < lengths + sampling.max_new_tokens)
-            yield [token if new else None for token, new in zip(tokens[:, position].tolist(), is_new.tolist())]
+            generated.scatter_add_(1, tokens[:, position : position + 1], is_new[:, None].to(generated.dtype))
+            if top_logprobs is None:
+                step = [Token(token) for token in tokens[:, position].tolist()]
+            else:
+                step = scored_tokens(logits, tokens[:, position], top_logprobs)
+            yield [token if new else None for token, new in zip(step, is_new.tolist())]
     finally:
         model.train(was_training)
 
@@ -237,6 +345,9 @@ class Piece:
     """Tokens generated for this row so far."""
     finish_reason: str | None = None
     """Set on a row's last piece: "stop" or "length"."""
+    logprobs: list[Token] = field(default_factory=list)
+    """The row's tokens generated since its previous piece (a stop token too, though it adds no text, as OpenAI's
+    logprobs show it), with their log-probabilities when they were asked for."""
 
 
 def stream_text(
@@ -246,19 +357,27 @@ def stream_text(
     sampling: SampleConfig,
     stop_tokens: Iterable[int] = (),
     use_cache: bool = True,
+    top_logprobs: int | None = None,
+    cancel: threading.Event | None = None,
 ) -> Iterator[Piece]:
     """Pieces of text as they are produced, for a batch of prompts; each row ends with a piece that has its
-    finish_reason. Generation stops as soon as every row has finished."""
+    finish_reason. Generation stops as soon as every row has finished, or without a last piece when `cancel` is set
+    (it is looked at before every token)."""
     rows = [Continuation(tokenizer, prompt, sampling.stop, stop_tokens) for prompt in prompts]
-    for step in generate_tokens(model, prompts, sampling, use_cache):
+    since_last_piece: list[list[Token]] = [[] for _ in prompts]
+    for step in generate_tokens(model, prompts, sampling, use_cache, top_logprobs):
+        if cancel is not None and cancel.is_set():
+            return
         for index, (row, token) in enumerate(zip(rows, step)):
             if token is None or row.finish_reason:
                 continue
-            text = row.add(token)
+            text = row.add(token.id)
             if not row.finish_reason and row.tokens == sampling.max_new_tokens:
                 text += row.finish("length")
+            since_last_piece[index].append(token)
             if text or row.finish_reason:
-                yield Piece(index, text, row.tokens, row.finish_reason)
+                yield Piece(index, text, row.tokens, row.finish_reason, since_last_piece[index])
+                since_last_piece[index] = []
         if all(row.finish_reason for row in rows):
             return
     for index, row in enumerate(rows):  # only with max_new_tokens 0

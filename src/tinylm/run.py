@@ -9,6 +9,7 @@ which kind it was given.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from tinylm.data.instructions import Messages
 from tinylm.device import resolve_device
 from tinylm.errors import TinylmError
 from tinylm.evaluate import DEFAULT_EVAL_CONTEXT, EvalResult, document_tokens, evaluate
-from tinylm.generate import Piece, encode_prompt, stream_text
+from tinylm.generate import Piece, check_logit_bias, encode_prompt, stream_text
 from tinylm.pretrained import ChatTokenizer, HuggingFaceLM, Pretrained, load_pretrained, load_tinylm_run
 from tinylm.quantize import check_quantize, quantize_int8
 from tinylm.runs import (
@@ -35,7 +36,8 @@ from tinylm.runs import (
 )
 from tinylm.tokenizers import Tokenizer
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")
+"""A `developer` message (OpenAI's newer name for instructions to the model) is given to the template as `system`."""
 
 
 @dataclass
@@ -73,14 +75,25 @@ class Run:
         """Tokens that end a text: end-of-text, and an instruction-tuned model's end of turn."""
         return {self.tokenizer.end_of_text, *(self.chat.stop_ids if self.chat else ())}
 
-    def stream_ids(self, prompts: list[list[int]], sampling: SampleConfig) -> Iterator[Piece]:
+    def stream_ids(
+        self,
+        prompts: list[list[int]],
+        sampling: SampleConfig,
+        top_logprobs: int | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[Piece]:
         """Continue a batch of prompts given as token ids: pieces of text tagged with their prompt's index, as they
-        come. A row ends at a stop token, a stop string or max_new_tokens."""
-        return stream_text(self.model, self.tokenizer, prompts, sampling, self.stop_ids)
+        come. A row ends at a stop token, a stop string or max_new_tokens. With `top_logprobs`, each piece's tokens
+        carry their log-probabilities and that many likeliest tokens; setting `cancel` stops the generation."""
+        check_logit_bias(sampling, self.model.config.vocab_size)  # here, not at the first piece: before any answer
+        return stream_text(
+            self.model, self.tokenizer, prompts, sampling, self.stop_ids, top_logprobs=top_logprobs, cancel=cancel
+        )
 
     def stream(self, prompt: str, **options) -> Iterator[str]:
         """Yield the continuation of `prompt` piece by piece; unset options come from the run's `sample` config
-        (`max_new_tokens`, `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty`, `stop`, `seed`)."""
+        (`max_new_tokens`, `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty`, `presence_penalty`,
+        `frequency_penalty`, `logit_bias`, `stop`, `seed`)."""
         for piece in self.stream_ids([encode_prompt(self.tokenizer, prompt)], self.sampling(**options)):
             if piece.text:
                 yield piece.text
@@ -100,6 +113,7 @@ class Run:
         for message in messages:
             if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
                 raise TinylmError(f"each message needs a role ({', '.join(ROLES)}) and a text content, not {message}")
+        messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
         if self.chat is None:
             text = "".join(message["content"] for message in messages)
             return encode_prompt(self.tokenizer, text, "the conversation")

@@ -38,6 +38,17 @@ END_OF_TEXT_NAMES = (END_OF_TEXT, "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|
 SPECS_HELP = "char, bpe:N (e.g. bpe:4096), gpt2, hf:NAME (a Hugging Face tokenizer) or the path of a tokenizer.json"
 
 
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as a printable character: the bytes printable in Latin-1 as
+    themselves, the others as chr(256), chr(257), ... in byte order. Character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    return {chr(byte): byte for byte in printable} | {chr(256 + i): byte for i, byte in enumerate(others)}
+
+
+BYTE_LEVEL = byte_level_alphabet()
+
+
 class Tokenizer(ABC):
     """Encodes text to token ids and back; decode(encode(text)) == text for any text the tokenizer covers."""
 
@@ -63,6 +74,12 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str: ...
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for, even when it holds only part of a character (which `decode` would show
+        as U+FFFD): the tokens' bytes joined are the text's UTF-8. Here: for tokenizers whose tokens are whole
+        characters."""
+        return self.decode([token]).encode()
 
     @abstractmethod
     def to_json(self) -> dict:
@@ -187,6 +204,12 @@ class HuggingFaceTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
+    def token_bytes(self, token: int) -> bytes:
+        name = self.backend.id_to_token(token)
+        if isinstance(self.backend.decoder, decoders.ByteLevel) and name and all(c in BYTE_LEVEL for c in name):
+            return bytes(BYTE_LEVEL[c] for c in name)
+        return super().token_bytes(token)
+
     def to_json(self) -> dict:
         return {"spec": self.spec, "tokenizer": json.loads(self.backend.to_str())}
 
@@ -245,6 +268,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.encoding.decode(list(ids), errors="replace")
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.encoding.decode_single_token_bytes(token)
 
     def to_json(self) -> dict:
         return {"spec": self.spec}
