@@ -82,6 +82,7 @@ def build_parser() -> ArgumentParser:
         "--stride", type=int | None, default=None, help="Tokens between windows (default: --block-size, no overlap)."
     )
     evaluate.add_argument("--json", action="store_true", help='Print one JSON object: {"val": {"loss": ...}}.')
+    add_benchmark_options(evaluate)
     commands.add_subcommand("eval", evaluate, help="Evaluate a run, a fine-tune or a Hugging Face model on text.")
 
     serve = ArgumentParser(exit_on_error=False, description="An OpenAI-compatible API and a web playground.")
@@ -143,6 +144,29 @@ def build_parser() -> ArgumentParser:
     translate.add_argument("--attention", type=str | None, default=None, help="Also draw the cross-attention (PNG).")
     commands.add_subcommand("translate", translate, help="Copy or reverse a sequence with a trained seq2seq run.")
     return parser
+
+
+def add_benchmark_options(evaluate: ArgumentParser) -> None:
+    """`tinylm eval`'s benchmarks (lm-eval) and story-quality options."""
+    evaluate.add_argument(
+        "--tasks",
+        type=str | None,
+        default=None,
+        help="lm-eval tasks, comma-separated: names (hellaswag,arc_easy), task YAML files or folders of them. "
+        "Scores go to eval.json in the run folder (or --out).",
+    )
+    evaluate.add_argument("--num-fewshot", type=int | None, default=None, help="Examples shown before each question.")
+    evaluate.add_argument("--limit", type=int | None, default=None, help="Score at most this many examples per task.")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="Sequences scored or generated at once.")
+    evaluate.add_argument(
+        "--include-path", type=list[str], default=[], help="Folders of task YAMLs whose tasks --tasks may name."
+    )
+    evaluate.add_argument(
+        "--out",
+        type=str | None,
+        default=None,
+        help="Folder for eval.json / stories.json (default: MODEL when it is a run folder or fine-tune output).",
+    )
 
 
 def finetune_parser() -> ArgumentParser:
@@ -315,6 +339,8 @@ def run_chat(args) -> int:
 def run_eval(args) -> int:
     from tinylm.run import load
 
+    if args.tasks is not None:
+        return run_benchmarks(args)
     data = None
     if args.data is not None:
         data = DataConfig(source=args.data, subset=args.subset, text_field=args.text_field)
@@ -326,6 +352,22 @@ def run_eval(args) -> int:
             f"{args.split}: loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f}, "
             f"{result.bpb:.4f} bits per byte, over {result.tokens:,} tokens ({result.bytes:,} bytes)"
         )
+    return 0
+
+
+def run_benchmarks(args) -> int:
+    try:
+        from tinylm.harness import benchmark, save_benchmarks
+    except ModuleNotFoundError as error:
+        if error.name != "lm_eval":
+            raise
+        raise TinylmError("benchmarks need lm-evaluation-harness: pip install 'tinylm[eval]'") from None
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    result = benchmark(args.model, tasks, args.num_fewshot, args.limit, args.batch_size, args.include_path)
+    saved = save_benchmarks(result, args.model, args.out)
+    print(json.dumps(result.record()) if args.json else result.table())
+    where = f"saved in {saved}" if saved else "not saved: MODEL is not a run folder; give --out DIR to keep them"
+    print(f"benchmark scores {where}", file=sys.stderr)
     return 0
 
 

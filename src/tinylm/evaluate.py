@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tinylm.errors import TinylmError
 
@@ -106,3 +107,38 @@ def evaluate(
     nats += score(batch)
     loss = nats / predicted
     return EvalResult(loss, math.exp(loss), nats / math.log(2) / max(text_bytes, 1), predicted, text_bytes)
+
+
+@torch.inference_mode()
+def continuation_logprobs(
+    model: nn.Module, pairs: list[tuple[list[int], list[int]]], batch_size: int
+) -> list[tuple[float, bool]]:
+    """For each (context ids, continuation ids): the summed log-probability (nats) of the continuation after the
+    context, and whether every continuation token is the model's argmax (greedy).
+
+    As lm-evaluation-harness does for its own models: a row is context + continuation cut on the left to the model's
+    context + 1 tokens; rows are batched longest first and padded on the right, which a causal model's real tokens
+    never see, so no attention mask is needed.
+    """
+    context = model.config.block_size
+    device = next(model.parameters()).device
+    rows = [(context_ids + continuation_ids)[-(context + 1) :] for context_ids, continuation_ids in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: -len(rows[i]))
+    results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
+    for first in range(0, len(order), batch_size):
+        chunk = order[first : first + batch_size]
+        width = len(rows[chunk[0]]) - 1
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, index in enumerate(chunk):
+            ids[row, : len(rows[index]) - 1] = torch.tensor(rows[index][:-1])
+        log_probs = F.log_softmax(model(ids.to(device))[0].float(), dim=-1)
+        for row, index in enumerate(chunk):
+            scored = len(pairs[index][1])
+            if scored == 0:  # nothing to predict: log 1 = 0, trivially greedy
+                continue
+            end = len(rows[index]) - 1
+            targets = torch.tensor(rows[index][-scored:], device=device)
+            row_log_probs = log_probs[row, end - scored : end]
+            total = row_log_probs.gather(-1, targets[:, None]).sum().item()
+            results[index] = (total, bool((row_log_probs.argmax(-1) == targets).all()))
+    return results
