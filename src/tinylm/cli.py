@@ -439,10 +439,15 @@ def run_finetune(args: list[str]) -> int:
         values["method"] = "full"
     config = FinetuneConfig(**{**values, "train": TrainConfig(**values["train"])})
     result = finetune(config, overwrite=overwrite, resume=resume)
+    accuracy = ""
+    if result.answer_accuracy_before is not None:
+        accuracy = (
+            f", answer accuracy {result.answer_accuracy_before:.1%} before, {result.answer_accuracy_after:.1%} after"
+        )
     print(
         f"\nheld-out loss {result.held_out_loss_before:.4f} before, {result.held_out_loss_after:.4f} after "
-        f"{result.steps} steps ({result.trainable_parameters:,} parameters trained, {result.elapsed_s:.1f}s); "
-        f"saved in {result.out}"
+        f"{result.steps} steps{accuracy} ({result.trainable_parameters:,} parameters trained, "
+        f"{result.elapsed_s:.1f}s); saved in {result.out}"
     )
     return 0
 
