@@ -167,6 +167,20 @@ def add_benchmark_options(evaluate: ArgumentParser) -> None:
         default=None,
         help="Folder for eval.json / stories.json (default: MODEL when it is a run folder or fine-tune output).",
     )
+    evaluate.add_argument(
+        "--stories",
+        action="store_true",
+        help="Complete the TinyStories paper's 44 evaluation prompts (--limit: the first N) and score the stories.",
+    )
+    evaluate.add_argument("--samples", type=int, default=1, help="Completions per prompt (--stories).")
+    evaluate.add_argument(
+        "--reference", type=str | None, default=None, help="A model to measure each story's fluency (bits per byte)."
+    )
+    evaluate.add_argument(
+        "--judge", type=str | None, default=None, help="An OpenAI-compatible endpoint that grades the stories."
+    )
+    evaluate.add_argument("--judge-model", type=str | None, default=None, help="The model --judge serves.")
+    add_sampling_options(evaluate, CHAT_OPTIONS)
 
 
 def finetune_parser() -> ArgumentParser:
@@ -341,6 +355,8 @@ def run_eval(args) -> int:
 
     if args.tasks is not None:
         return run_benchmarks(args)
+    if args.stories:
+        return run_stories(args)
     data = None
     if args.data is not None:
         data = DataConfig(source=args.data, subset=args.subset, text_field=args.text_field)
@@ -368,6 +384,30 @@ def run_benchmarks(args) -> int:
     print(json.dumps(result.record()) if args.json else result.table())
     where = f"saved in {saved}" if saved else "not saved: MODEL is not a run folder; give --out DIR to keep them"
     print(f"benchmark scores {where}", file=sys.stderr)
+    return 0
+
+
+def run_stories(args) -> int:
+    from tinylm.runs import results_folder
+    from tinylm.stories import evaluate_stories, save_stories
+
+    result = evaluate_stories(
+        args.model,
+        args.samples,
+        sampling_options(args, CHAT_OPTIONS),
+        args.reference,
+        args.judge,
+        args.judge_model,
+        args.limit,
+        args.batch_size,
+    )
+    folder = results_folder(args.model, args.out)
+    if args.json:
+        print(json.dumps(result.record()))
+    else:
+        print(result.summary())
+    where = f"saved in {save_stories(result, folder)}" if folder else "not saved: give --out DIR to keep them"
+    print(f"stories and scores {where}", file=sys.stderr)
     return 0
 
 

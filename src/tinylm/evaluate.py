@@ -109,17 +109,36 @@ def evaluate(
     return EvalResult(loss, math.exp(loss), nats / math.log(2) / max(text_bytes, 1), predicted, text_bytes)
 
 
-@torch.inference_mode()
 def continuation_logprobs(
     model: nn.Module, pairs: list[tuple[list[int], list[int]]], batch_size: int
 ) -> list[tuple[float, bool]]:
-    """For each (context ids, continuation ids): the summed log-probability (nats) of the continuation after the
-    context, and whether every continuation token is the model's argmax (greedy).
+    """For each (context ids, continuation ids), the context non-empty: the summed log-probability (nats) of the
+    continuation after the context, and whether every continuation token is the model's argmax (greedy).
 
     As lm-evaluation-harness does for its own models: a row is context + continuation cut on the left to the model's
     context + 1 tokens; rows are batched longest first and padded on the right, which a causal model's real tokens
-    never see, so no attention mask is needed.
+    never see, so no attention mask is needed. A continuation longer than the model's context is scored in windows of
+    that many tokens, each read after the tokens before it.
     """
+    context = model.config.block_size
+    windows, owners = [], []
+    for owner, (context_ids, continuation_ids) in enumerate(pairs):
+        stream = context_ids + continuation_ids
+        for start in range(len(context_ids), len(stream), context):  # none for an empty continuation: log 1 = 0
+            windows.append((stream[:start], stream[start : start + context]))
+            owners.append(owner)
+    results = [(0.0, True)] * len(pairs)
+    for owner, (logprob, greedy) in zip(owners, _window_logprobs(model, windows, batch_size)):
+        total, all_greedy = results[owner]
+        results[owner] = (total + logprob, all_greedy and greedy)
+    return results
+
+
+@torch.inference_mode()
+def _window_logprobs(
+    model: nn.Module, pairs: list[tuple[list[int], list[int]]], batch_size: int
+) -> list[tuple[float, bool]]:
+    """continuation_logprobs for continuations that fit in the model's context."""
     context = model.config.block_size
     device = next(model.parameters()).device
     rows = [(context_ids + continuation_ids)[-(context + 1) :] for context_ids, continuation_ids in pairs]
@@ -134,8 +153,6 @@ def continuation_logprobs(
         log_probs = F.log_softmax(model(ids.to(device))[0].float(), dim=-1)
         for row, index in enumerate(chunk):
             scored = len(pairs[index][1])
-            if scored == 0:  # nothing to predict: log 1 = 0, trivially greedy
-                continue
             end = len(rows[index]) - 1
             targets = torch.tensor(rows[index][-scored:], device=device)
             row_log_probs = log_probs[row, end - scored : end]

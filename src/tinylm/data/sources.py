@@ -87,6 +87,15 @@ TINYSTORIES_V1_FILES = (
         split="val",
     ),
 )
+# The 44 story beginnings the TinyStories paper (Eldan and Li, 2023) asks a model to complete for its quality
+# evaluation, published beside the dataset; the file name has a space, escaped in the URL.
+TINYSTORIES_EVALUATION_PROMPTS = RemoteFile(
+    name="Evaluation prompts.yaml",
+    url=f"{HF_TINYSTORIES}/Evaluation%20prompts.yaml",
+    sha256="a915216be5516348af9db387c5bb51e8e930e7997eb0543a3de0bf63c7fe81ee",
+    size=11759,
+)
+TINYSTORIES_FOLDER = "tinystories"
 # WikiText-2 ships as one zip (its sha256 is recorded by Hugging Face datasets' wikitext script); each split file is
 # extracted from it and checked on its own.
 WIKITEXT2_ZIP = RemoteFile(
