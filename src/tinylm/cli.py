@@ -138,6 +138,15 @@ def build_parser() -> ArgumentParser:
         help="Fine-tune a Hugging Face model, GGUF file or tinylm run on instruction data (LoRA, QLoRA or full).",
     )
 
+    report = ArgumentParser(
+        exit_on_error=False, description="A report card (report.md and its loss plot) of one run or several."
+    )
+    report.add_argument("runs", type=str, nargs="+", help="Run folders or fine-tune outputs.")
+    report.add_argument(
+        "--out", type=str | None, default=None, help="Folder to write into (default: the run's; several runs need it)."
+    )
+    commands.add_subcommand("report", report, help="Write a run's report card, or several runs side by side.")
+
     translate = ArgumentParser(exit_on_error=False, description="Answer a sequence with a trained seq2seq run.")
     translate.add_argument("run_dir", type=str, help="Run folder of `tinylm train configs/copy-task.yaml`.")
     translate.add_argument("sequence", type=str, help='Symbols separated by spaces, e.g. "3 1 4 1 5".')
@@ -274,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             "export": run_export,
             "import": run_import,
             "translate": run_translate,
+            "report": run_report,
         }
         return commands[args.command](args[args.command])
     except TinylmError as error:
@@ -501,6 +511,13 @@ def _bare_switches_on(args: list[str]) -> list[str]:
         if arg in switches and (following or "").lower() not in ("true", "false"):
             result.append("true")
     return result
+
+
+def run_report(args) -> int:
+    from tinylm.report import write_report
+
+    print(f"wrote {write_report(args.runs, args.out)}")
+    return 0
 
 
 def run_translate(args) -> int:

@@ -31,6 +31,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from tinylm.errors import TinylmError
 from tinylm.evaluate import continuation_logprobs
+from tinylm.report import benchmark_table
 from tinylm.run import Run, load
 from tinylm.runs import EVAL_RESULT_FILE, results_folder, update_json
 
@@ -145,21 +146,6 @@ class BenchmarkResult:
 
     def table(self) -> str:
         return benchmark_table(self.scores)
-
-
-def benchmark_table(scores: dict[str, dict[str, Any]]) -> str:
-    """A markdown table of benchmark scores: one row per task and metric, its standard error beside it."""
-    lines = ["| task | n-shot | examples | metric | value | ± stderr |", "|---|--:|--:|---|--:|--:|"]
-    for task, score in scores.items():
-        metrics = score["metrics"]
-        for name, value in metrics.items():
-            if name.endswith("_stderr"):
-                continue
-            stderr = metrics.get(f"{name}_stderr")
-            spread = f"{stderr:.4f}" if isinstance(stderr, float) else ""
-            shots, examples = score.get("num_fewshot"), score.get("examples")
-            lines.append(f"| {task} | {shots} | {examples} | {name} | {value:.4f} | {spread} |")
-    return "\n".join(lines)
 
 
 def benchmark(

@@ -1,7 +1,8 @@
 """The run-folder contract: the names of the files tinylm writes, how it writes them, and how it claims an output.
 
 A run folder (`tinylm train`, `tinylm import`) holds `config.yaml`, `model.safetensors` (the best weights),
-`checkpoints/step-NNNNNNN/`, `metrics.jsonl`, `samples.txt`, `loss.png` and its tokenizer; a fine-tune output holds
+`checkpoints/step-NNNNNNN/`, `metrics.jsonl`, `samples.txt`, `loss.png`, its tokenizer, `data.json` (what the
+prepared data holds) and `environment.json` (each training session's hardware and software); a fine-tune output holds
 `finetune.yaml`, `finetune.json` and the adapter (or a merged run in `model/`). `tinylm eval` adds `eval.json`
 (benchmarks) and `stories.json` + `stories.md` (story quality) to either, and `tinylm report` adds `report.md` and its
 PNGs; an export is a Hugging Face folder
@@ -46,6 +47,8 @@ FINETUNE_CONFIG_FILE = "finetune.yaml"
 FINETUNE_RESULT_FILE = "finetune.json"
 MERGED_MODEL_FOLDER = "model"
 HF_CONFIG_FILE = "config.json"
+ENVIRONMENT_FILE = "environment.json"
+DATA_FILE = "data.json"
 EVAL_RESULT_FILE = "eval.json"
 STORIES_RESULT_FILE = "stories.json"
 STORIES_REPORT_FILE = "stories.md"

@@ -37,6 +37,7 @@ from tinylm.data.sources import TINYSTORIES_EVALUATION_PROMPTS, TINYSTORIES_FOLD
 from tinylm.errors import TinylmError
 from tinylm.evaluate import continuation_logprobs
 from tinylm.generate import encode_prompt
+from tinylm.report import flat_scores, format_score
 from tinylm.run import Run, load
 from tinylm.runs import STORIES_REPORT_FILE, STORIES_RESULT_FILE, write_atomically, write_json
 
@@ -128,20 +129,6 @@ class StoriesResult:
                 )
             lines += ["", f"**Sample {story.sample + 1}** ({'; '.join(details)})", "", quote(story.completion)]
         return "\n".join(lines) + "\n"
-
-
-def format_score(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def flat_scores(scores: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for name, value in scores.items():
-        if isinstance(value, dict):
-            flat.update(flat_scores(value, f"{prefix}{name}."))
-        else:
-            flat[prefix + name] = value
-    return flat
 
 
 def quote(text: str) -> str:
