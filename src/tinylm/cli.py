@@ -363,6 +363,8 @@ def run_chat(args) -> int:
 def run_eval(args) -> int:
     from tinylm.run import load
 
+    if args.tasks is not None and args.stories:
+        raise TinylmError("--tasks and --stories are separate evaluations; run one, then the other")
     if args.tasks is not None:
         return run_benchmarks(args)
     if args.stories:
