@@ -29,6 +29,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from tinylm.config import SampleConfig
 from tinylm.errors import TinylmError
 from tinylm.evaluate import continuation_logprobs
 from tinylm.report import benchmark_table
@@ -49,7 +50,7 @@ class TinylmLM(TemplateLM):
         pretrained: str | Run,
         device: str | None = None,
         batch_size: int | str | None = DEFAULT_BATCH_SIZE,
-        max_batch_size: int | None = None,
+        max_batch_size: int | None = None,  # lm-eval's command line passes it; tinylm's batches have one fixed size
     ):
         super().__init__()
         self.run = pretrained if isinstance(pretrained, Run) else load(pretrained, device or "auto")
@@ -108,19 +109,17 @@ class TinylmLM(TemplateLM):
             self.cache_hook.add_partial("generate_until", request.args, answer)
         return answers
 
-    def _sampling(self, options: dict[str, Any]):
-        """The SampleConfig of a task's generation_kwargs: greedy unless do_sample, every other filter off."""
-        options = dict(options)
-        until = options.pop("until", None) or []
+    def _sampling(self, options: dict[str, Any]) -> tuple[SampleConfig, int]:
+        """The sampling settings of a task's generation_kwargs (greedy unless do_sample; no other filter than a
+        task's top_p) and its max_gen_toks."""
+        until = options.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
-        max_new_tokens = int(options.pop("max_gen_toks", 256))
-        sample = options.pop("do_sample", False)
-        temperature = float(options.pop("temperature", 1.0 if sample else 0.0)) if sample else 0.0
+        max_new_tokens = int(options.get("max_gen_toks", 256))
         sampling = self.run.sampling(
             max_new_tokens=max_new_tokens,
-            temperature=temperature,
+            temperature=float(options.get("temperature", 1.0)) if options.get("do_sample") else 0.0,
             top_k=None,
-            top_p=float(options.pop("top_p", 1.0)),
+            top_p=float(options.get("top_p", 1.0)),
             min_p=0.0,
             repetition_penalty=1.0,
             stop=[stop for stop in until if stop],
