@@ -587,3 +587,8 @@ def test_answer_accuracy_before_and_after_for_data_with_final_answers(tiny_gpt2,
     right = [bool(m) and m[1] == str(len(q[0]["content"].split()[-1])) for m, q in zip(marked, held_out)]
     assert record["answer_accuracy_after"] == pytest.approx(sum(right) / len(right))
     assert record["answer_accuracy_after"] > record["answer_accuracy_before"]
+    # The fine-tune's report card shows both, and the session it ran in.
+    assert run_cli(capsys, "report", str(out))[0] == 0
+    report = (out / "report.md").read_text()
+    before, after = record["answer_accuracy_before"], record["answer_accuracy_after"]
+    assert f"| answer accuracy | {before:.4f} | {after:.4f} |" in report and "fp32 (from step 0)" in report

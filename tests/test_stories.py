@@ -112,6 +112,41 @@ def judge_server(tmp_path_factory):
         yield server
 
 
+GRADES_LINE = "Grammar: 7/10, Creativity: 6/10, Consistency: 8/10, Plot: 5/10, Age group: C\n"
+
+
+@pytest.fixture(scope="module")
+def grading_judge(tmp_path_factory):
+    """`tinylm serve` of a tiny model trained to write one line of grades whatever it is asked: a judge whose
+    answers are well formed, to read through the whole path."""
+    from test_serve import Server
+
+    from tinylm.serve import ServeLimits, create_app
+
+    folder = tmp_path_factory.mktemp("grading-judge")
+    vocabulary = set(SMALL_TEXT + ASSESSMENT_PROMPT + GRADING_PROMPT + "".join(evaluation_prompts()))
+    (folder / "grades.txt").write_text("".join(sorted(vocabulary)) + "\n" + GRADES_LINE * 1000)
+    extra = {"model.block_size": 64, "train.max_steps": 120, "train.eval_interval": 120, "train.learning_rate": 1e-2}
+    run_dir = tinylm.train(tinylm.load_config(None, tiny_overrides(folder / "grades.txt", folder / "judge", **extra)))
+    judge = tinylm.load(run_dir.run_dir, device="cpu")
+    with Server(create_app(judge, ServeLimits(max_prompt_tokens=20000, max_tokens=400, max_concurrent=2))) as server:
+        yield server
+
+
+def test_a_judge_that_answers_in_form_is_read_through_the_whole_path(needs_mirror, grading_judge, tmp_path, capsys):
+    student = untrained_run(tmp_path / "student", text=SMALL_TEXT + "".join(evaluation_prompts()))
+    args = ["eval", str(student), "--stories", "--limit", "2", "--max-new-tokens", "16", "--out", str(tmp_path / "o")]
+    code, out, err = run_cli(capsys, *args, "--judge", f"{grading_judge.url}/v1", "--judge-model", "judge")
+    assert code == 0, err
+    record = json.loads((tmp_path / "o" / "stories.json").read_text())
+    judge = record["scores"]["judge"]
+    assert judge["graded"] > 0 and judge["graded"] + judge["malformed"] == 2
+    assert (judge["grammar"], judge["creativity"], judge["consistency"], judge["plot"]) == (7, 6, 8, 5)
+    graded = [s["judge"] for s in record["stories"] if not s["judge"]["malformed"]]
+    assert all(g["age_group"] == "C" and "Grammar: 7/10" in g["answers"][1] for g in graded)
+    assert "judge.grammar: 7.0000" in out and not (student / "stories.json").exists()  # --out, not the run
+
+
 def test_stories_end_to_end_with_a_served_judge(needs_mirror, judge_server, tmp_path, capsys):
     student = untrained_run(tmp_path / "student", text=SMALL_TEXT + "".join(evaluation_prompts()))
     args = ["eval", str(student), "--stories", "--limit", "3", "--samples", "2", "--max-new-tokens", "24"]
