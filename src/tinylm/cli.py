@@ -400,7 +400,6 @@ def run_benchmarks(args) -> int:
 
 
 def run_stories(args) -> int:
-    from tinylm.runs import results_folder
     from tinylm.stories import evaluate_stories, save_stories
 
     result = evaluate_stories(
@@ -413,12 +412,9 @@ def run_stories(args) -> int:
         args.limit,
         args.batch_size,
     )
-    folder = results_folder(args.model, args.out)
-    if args.json:
-        print(json.dumps(result.record()))
-    else:
-        print(result.summary())
-    where = f"saved in {save_stories(result, folder)}" if folder else "not saved: give --out DIR to keep them"
+    saved = save_stories(result, args.model, args.out)
+    print(json.dumps(result.record()) if args.json else result.summary())
+    where = f"saved in {saved}" if saved else "not saved: MODEL is not a run folder; give --out DIR to keep them"
     print(f"stories and scores {where}", file=sys.stderr)
     return 0
 

@@ -39,7 +39,7 @@ from tinylm.evaluate import continuation_logprobs
 from tinylm.generate import encode_prompt
 from tinylm.report import flat_scores, format_score
 from tinylm.run import Run, load
-from tinylm.runs import STORIES_REPORT_FILE, STORIES_RESULT_FILE, write_atomically, write_json
+from tinylm.runs import STORIES_REPORT_FILE, STORIES_RESULT_FILE, results_folder, write_atomically, write_json
 
 GRADES = ("grammar", "creativity", "consistency", "plot")
 AGE_GROUPS = {"A": "3 or under", "B": "4-5", "C": "6-7", "D": "8-9", "E": "10-12", "F": "13-16"}
@@ -319,8 +319,12 @@ def chat_completion(url: str, model: str, messages: list[dict[str, str]]) -> str
         return ""
 
 
-def save_stories(result: StoriesResult, folder: Path) -> Path:
-    """stories.json (everything) and stories.md (to read) in `folder`; the JSON file's path."""
+def save_stories(result: StoriesResult, model: str, out: str | None = None) -> Path | None:
+    """stories.json (everything) and stories.md (to read) in `results_folder(model, out)`; the JSON file's path, or
+    None where there is no folder to write into."""
+    folder = results_folder(model, out)
+    if folder is None:
+        return None
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / STORIES_RESULT_FILE, result.record())
     write_atomically(folder / STORIES_REPORT_FILE, result.markdown())

@@ -140,7 +140,7 @@ SOURCES: dict[str, DatasetSource] = {
         ),
         DatasetSource(
             name="tinystories",
-            folder="tinystories",
+            folder=TINYSTORIES_FOLDER,
             description="TinyStories V2 (stories written by GPT-4 only): 2.7M stories, 2.2 GB train, 22 MB valid",
             files=TINYSTORIES_V2_FILES,
             subsets={
@@ -159,7 +159,7 @@ SOURCES: dict[str, DatasetSource] = {
         ),
         DatasetSource(
             name="tinystories-v1",
-            folder="tinystories",
+            folder=TINYSTORIES_FOLDER,
             description="TinyStories, the original release (GPT-3.5 and GPT-4 stories): 2.1M stories, 1.9 GB train",
             files=TINYSTORIES_V1_FILES,
             subsets={
