@@ -150,12 +150,13 @@ def _window_logprobs(
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
         for row, index in enumerate(chunk):
             ids[row, : len(rows[index]) - 1] = torch.tensor(rows[index][:-1])
-        log_probs = F.log_softmax(model(ids.to(device))[0].float(), dim=-1)
+        logits = model(ids.to(device))[0]
         for row, index in enumerate(chunk):
             scored = len(pairs[index][1])
             end = len(rows[index]) - 1
             targets = torch.tensor(rows[index][-scored:], device=device)
-            row_log_probs = log_probs[row, end - scored : end]
+            # Only the scored positions in float32: a (batch, context, vocabulary) float32 copy could be gigabytes.
+            row_log_probs = F.log_softmax(logits[row, end - scored : end].float(), dim=-1)
             total = row_log_probs.gather(-1, targets[:, None]).sum().item()
             results[index] = (total, bool((row_log_probs.argmax(-1) == targets).all()))
     return results
