@@ -119,3 +119,31 @@ def test_a_real_gguf_model_beats_an_untrained_run_in_bits_per_byte_on_the_same_t
     assert results[gguf]["bytes"] == results[run_dir]["bytes"]
     # A real model knows English (2.4 bits per byte with this short context); a random one is near log2(40) = 5.3.
     assert results[gguf]["bpb"] < 3.0 and results[run_dir]["bpb"] > 4.5
+
+
+def test_continuation_logprobs_match_one_forward_pass_and_do_not_depend_on_batching():
+    from tinylm.evaluate import continuation_logprobs
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    generator = torch.Generator().manual_seed(1)
+    pairs = [
+        (
+            torch.randint(0, 20, (n,), generator=generator).tolist(),
+            torch.randint(0, 20, (k,), generator=generator).tolist(),
+        )
+        for n, k in [(3, 2), (10, 5), (1, 1), (6, 0), (4, 40)]
+    ]
+    one_by_one = continuation_logprobs(model, pairs, batch_size=1)
+    batched = continuation_logprobs(model, pairs, batch_size=3)
+    assert [lp for lp, _ in batched] == pytest.approx([lp for lp, _ in one_by_one], abs=1e-5)
+    assert [greedy for _, greedy in batched] == [greedy for _, greedy in one_by_one]
+    for (context, continuation), (logprob, greedy) in zip(pairs[:3], one_by_one):
+        ids = torch.tensor([context + continuation])
+        with torch.no_grad():
+            log_probs = F.log_softmax(model(ids[:, :-1])[0][0], dim=-1)[len(context) - 1 :]
+        targets = torch.tensor(continuation)
+        assert logprob == pytest.approx(log_probs.gather(-1, targets[:, None]).sum().item(), abs=1e-5)
+        assert greedy == bool((log_probs.argmax(-1) == targets).all())
+    assert one_by_one[3] == (0.0, True)  # nothing to predict
+    assert one_by_one[4][0] < 0  # 40 tokens, longer than the context: scored in windows

@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import itertools
 import json
+import re
 
 import pytest
 import torch
@@ -543,3 +544,41 @@ def test_a_key_fine_tuning_cannot_honour_is_refused_in_one_line(tiny_gpt2, capit
     with pytest.raises(TinylmError, match=r"train.eval_batches does not apply to fine-tuning: .*--held-out-examples"):
         finetune(config)
     assert not (tmp_path / "o").exists()
+
+
+def test_final_answers_are_read_as_values():
+    from tinylm.data.instructions import final_answer
+
+    assert final_answer("so 3 * 400 = 1200.\n#### 1,200.") == final_answer("#### 1200") == "1200"
+    assert final_answer("#### $18") == "18" and final_answer("#### 3.50") == "3.5"
+    assert final_answer("#### APPLE") == "APPLE" and final_answer("no marked answer") is None
+
+
+def test_answer_accuracy_before_and_after_for_data_with_final_answers(tiny_gpt2, tmp_path, capsys):
+    """Examples whose responses end in `#### ANSWER` (GSM8K's form; here the word's length): the
+    fine-tune reports the greedy held-out accuracy before and after, and the after is what the saved model answers."""
+    examples = [{**e, "output": f"{e['output']}\n#### {len(e['input'])}"} for e in capitals_examples(60)]
+    data = tmp_path / "answers.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    out = tmp_path / "out"
+    args = ["finetune", "--base", str(tiny_gpt2), "--data", str(data), "--out", str(out), "--full", "--merge"]
+    args += ["--held-out-examples", "6", "--max-length", "64", "--train.device", "cpu", "--train.max-steps", "60"]
+    args += ["--train.learning-rate", "1e-2", "--train.batch-size", "8", "--train.eval-interval", "30"]
+    code, out_text, err = run_cli(capsys, *args)
+    assert code == 0, err
+    record = json.loads((out / "finetune.json").read_text())
+    assert f"answer accuracy {record['answer_accuracy_before']:.1%} before" in out_text
+    evaluations = [r for r in records(out) if "answer_accuracy" in r]
+    assert len(evaluations) == 2 and all(0 <= r["answer_accuracy"] <= 1 for r in evaluations)
+    held_out = load_instructions(str(data), held_out_examples=6).held_out
+    run = tinylm.load(out)
+    replies = [run.reply(m[:-1], temperature=0, max_new_tokens=40) for m in held_out]
+    marked = [re.fullmatch(r"(?s).*\n#### (\d+)", reply.strip()) for reply in replies]
+    right = [bool(m) and m[1] == str(len(q[0]["content"].split()[-1])) for m, q in zip(marked, held_out)]
+    assert record["answer_accuracy_after"] == pytest.approx(sum(right) / len(right))
+    assert record["answer_accuracy_after"] > record["answer_accuracy_before"]
+    # The fine-tune's report card shows both, and the session it ran in.
+    assert run_cli(capsys, "report", str(out))[0] == 0
+    report = (out / "report.md").read_text()
+    before, after = record["answer_accuracy_before"], record["answer_accuracy_after"]
+    assert f"| answer accuracy | {before:.4f} | {after:.4f} |" in report and "fp32 (from step 0)" in report

@@ -141,7 +141,7 @@ LAYERS = [
     ],
     ["tinylm.training"],
     ["tinylm.run"],
-    ["tinylm.chat", "tinylm.serve"],
+    ["tinylm.chat", "tinylm.serve", "tinylm.harness", "tinylm.stories", "tinylm.report"],
     ["tinylm.recipes", "tinylm.cli", "tinylm.__main__", "tinylm"],
 ]
 

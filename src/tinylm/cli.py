@@ -90,6 +90,7 @@ def build_parser() -> ArgumentParser:
     )
     evaluate.add_argument("--json", action="store_true", help='Print one JSON object: {"val": {"loss": ...}}.')
     add_dataclass_options(evaluate, LoadConfig)
+    add_benchmark_options(evaluate)
     commands.add_subcommand("eval", evaluate, help="Evaluate a run, a fine-tune or a Hugging Face model on text.")
 
     serve = ArgumentParser(exit_on_error=False, description="An OpenAI-compatible API and a web playground.")
@@ -157,12 +158,58 @@ def build_parser() -> ArgumentParser:
         help="Fine-tune a Hugging Face model, GGUF file or tinylm run on instruction data (LoRA, QLoRA or full).",
     )
 
+    report = ArgumentParser(
+        exit_on_error=False, description="A report card (report.md and its loss plot) of one run or several."
+    )
+    report.add_argument("runs", type=str, nargs="+", help="Run folders or fine-tune outputs.")
+    report.add_argument(
+        "--out", type=str | None, default=None, help="Folder to write into (default: the run's; several runs need it)."
+    )
+    commands.add_subcommand("report", report, help="Write a run's report card, or several runs side by side.")
+
     translate = ArgumentParser(exit_on_error=False, description="Answer a sequence with a trained seq2seq run.")
     translate.add_argument("run_dir", type=str, help="Run folder of `tinylm train configs/copy-task.yaml`.")
     translate.add_argument("sequence", type=str, help='Symbols separated by spaces, e.g. "3 1 4 1 5".')
     translate.add_argument("--attention", type=str | None, default=None, help="Also draw the cross-attention (PNG).")
     commands.add_subcommand("translate", translate, help="Copy or reverse a sequence with a trained seq2seq run.")
     return parser
+
+
+def add_benchmark_options(evaluate: ArgumentParser) -> None:
+    """`tinylm eval`'s benchmarks (lm-eval) and story-quality options."""
+    evaluate.add_argument(
+        "--tasks",
+        type=str | None,
+        default=None,
+        help="lm-eval tasks, comma-separated: names (hellaswag,arc_easy), task YAML files or folders of them. "
+        "Scores go to eval.json in the run folder (or --out).",
+    )
+    evaluate.add_argument("--num-fewshot", type=int | None, default=None, help="Examples shown before each question.")
+    evaluate.add_argument("--limit", type=int | None, default=None, help="Score at most this many examples per task.")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="Sequences scored or generated at once.")
+    evaluate.add_argument(
+        "--include-path", type=list[str], default=[], help="Folders of task YAMLs whose tasks --tasks may name."
+    )
+    evaluate.add_argument(
+        "--out",
+        type=str | None,
+        default=None,
+        help="Folder for eval.json / stories.json (default: MODEL when it is a run folder or fine-tune output).",
+    )
+    evaluate.add_argument(
+        "--stories",
+        action="store_true",
+        help="Complete the TinyStories paper's 44 evaluation prompts (--limit: the first N) and score the stories.",
+    )
+    evaluate.add_argument("--samples", type=int, default=1, help="Completions per prompt (--stories).")
+    evaluate.add_argument(
+        "--reference", type=str | None, default=None, help="A model to measure each story's fluency (bits per byte)."
+    )
+    evaluate.add_argument(
+        "--judge", type=str | None, default=None, help="An OpenAI-compatible endpoint that grades the stories."
+    )
+    evaluate.add_argument("--judge-model", type=str | None, default=None, help="The model --judge serves.")
+    add_sampling_options(evaluate, CHAT_OPTIONS)
 
 
 def finetune_parser() -> ArgumentParser:
@@ -274,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             "export": run_export,
             "import": run_import,
             "translate": run_translate,
+            "report": run_report,
         }
         return commands[args.command](args[args.command])
     except TinylmError as error:
@@ -353,6 +401,12 @@ def run_chat(args) -> int:
 def run_eval(args) -> int:
     from tinylm.run import load
 
+    if args.tasks is not None and args.stories:
+        raise TinylmError("--tasks and --stories are separate evaluations; run one, then the other")
+    if args.tasks is not None:
+        return run_benchmarks(args)
+    if args.stories:
+        return run_stories(args)
     data = None
     if args.data is not None:
         data = DataConfig(source=args.data, subset=args.subset, text_field=args.text_field)
@@ -365,6 +419,42 @@ def run_eval(args) -> int:
             f"{args.split}: loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f}, "
             f"{result.bpb:.4f} bits per byte, over {result.tokens:,} tokens ({result.bytes:,} bytes)"
         )
+    return 0
+
+
+def run_benchmarks(args) -> int:
+    try:
+        from tinylm.harness import benchmark, save_benchmarks
+    except ModuleNotFoundError as error:
+        if error.name != "lm_eval":
+            raise
+        raise TinylmError("benchmarks need lm-evaluation-harness: pip install 'tinylm[eval]'") from None
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    result = benchmark(args.model, tasks, args.num_fewshot, args.limit, args.batch_size, args.include_path)
+    saved = save_benchmarks(result, args.model, args.out)
+    print(json.dumps(result.record()) if args.json else result.table())
+    where = f"saved in {saved}" if saved else "not saved: MODEL is not a run folder; give --out DIR to keep them"
+    print(f"benchmark scores {where}", file=sys.stderr)
+    return 0
+
+
+def run_stories(args) -> int:
+    from tinylm.stories import evaluate_stories, save_stories
+
+    result = evaluate_stories(
+        args.model,
+        args.samples,
+        sampling_options(args, CHAT_OPTIONS),
+        args.reference,
+        args.judge,
+        args.judge_model,
+        args.limit,
+        args.batch_size,
+    )
+    saved = save_stories(result, args.model, args.out)
+    print(json.dumps(result.record()) if args.json else result.summary())
+    where = f"saved in {saved}" if saved else "not saved: MODEL is not a run folder; give --out DIR to keep them"
+    print(f"stories and scores {where}", file=sys.stderr)
     return 0
 
 
@@ -467,10 +557,15 @@ def run_finetune(args: list[str]) -> int:
         values["method"] = "full"
     config = FinetuneConfig(**{**values, "train": TrainConfig(**values["train"])})
     result = finetune(config, overwrite=overwrite, resume=resume)
+    accuracy = ""
+    if result.answer_accuracy_before is not None:
+        accuracy = (
+            f", answer accuracy {result.answer_accuracy_before:.1%} before, {result.answer_accuracy_after:.1%} after"
+        )
     print(
         f"\nheld-out loss {result.held_out_loss_before:.4f} before, {result.held_out_loss_after:.4f} after "
-        f"{result.steps} steps ({result.trainable_parameters:,} parameters trained, {result.elapsed_s:.1f}s); "
-        f"saved in {result.out}"
+        f"{result.steps} steps{accuracy} ({result.trainable_parameters:,} parameters trained, "
+        f"{result.elapsed_s:.1f}s); saved in {result.out}"
     )
     return 0
 
@@ -484,6 +579,13 @@ def _bare_switches_on(args: list[str]) -> list[str]:
         if arg in switches and (following or "").lower() not in ("true", "false"):
             result.append("true")
     return result
+
+
+def run_report(args) -> int:
+    from tinylm.report import write_report
+
+    print(f"wrote {write_report(args.runs, args.out)}")
+    return 0
 
 
 def run_translate(args) -> int:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tinylm.errors import TinylmError
 
@@ -106,3 +107,56 @@ def evaluate(
     nats += score(batch)
     loss = nats / predicted
     return EvalResult(loss, math.exp(loss), nats / math.log(2) / max(text_bytes, 1), predicted, text_bytes)
+
+
+def continuation_logprobs(
+    model: nn.Module, pairs: list[tuple[list[int], list[int]]], batch_size: int
+) -> list[tuple[float, bool]]:
+    """For each (context ids, continuation ids), the context non-empty: the summed log-probability (nats) of the
+    continuation after the context, and whether every continuation token is the model's argmax (greedy).
+
+    As lm-evaluation-harness does for its own models: a row is context + continuation cut on the left to the model's
+    context + 1 tokens; rows are batched longest first and padded on the right, which a causal model's real tokens
+    never see, so no attention mask is needed. A continuation longer than the model's context is scored in windows of
+    that many tokens, each read after the tokens before it.
+    """
+    context = model.config.block_size
+    windows, owners = [], []
+    for owner, (context_ids, continuation_ids) in enumerate(pairs):
+        stream = context_ids + continuation_ids
+        for start in range(len(context_ids), len(stream), context):  # none for an empty continuation: log 1 = 0
+            windows.append((stream[:start], stream[start : start + context]))
+            owners.append(owner)
+    results = [(0.0, True)] * len(pairs)
+    for owner, (logprob, greedy) in zip(owners, _window_logprobs(model, windows, batch_size)):
+        total, all_greedy = results[owner]
+        results[owner] = (total + logprob, all_greedy and greedy)
+    return results
+
+
+@torch.inference_mode()
+def _window_logprobs(
+    model: nn.Module, pairs: list[tuple[list[int], list[int]]], batch_size: int
+) -> list[tuple[float, bool]]:
+    """continuation_logprobs for continuations that fit in the model's context."""
+    context = model.config.block_size
+    device = next(model.parameters()).device
+    rows = [(context_ids + continuation_ids)[-(context + 1) :] for context_ids, continuation_ids in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: -len(rows[i]))
+    results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
+    for first in range(0, len(order), batch_size):
+        chunk = order[first : first + batch_size]
+        width = len(rows[chunk[0]]) - 1
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, index in enumerate(chunk):
+            ids[row, : len(rows[index]) - 1] = torch.tensor(rows[index][:-1])
+        logits = model(ids.to(device))[0]
+        for row, index in enumerate(chunk):
+            scored = len(pairs[index][1])
+            end = len(rows[index]) - 1
+            targets = torch.tensor(rows[index][-scored:], device=device)
+            # Only the scored positions in float32: a (batch, context, vocabulary) float32 copy could be gigabytes.
+            row_log_probs = F.log_softmax(logits[row, end - scored : end].float(), dim=-1)
+            total = row_log_probs.gather(-1, targets[:, None]).sum().item()
+            results[index] = (total, bool((row_log_probs.argmax(-1) == targets).all()))
+    return results

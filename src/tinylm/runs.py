@@ -1,8 +1,11 @@
 """The run-folder contract: the names of the files tinylm writes, how it writes them, and how it claims an output.
 
 A run folder (`tinylm train`, `tinylm import`) holds `config.yaml`, `model.safetensors` (the best weights),
-`checkpoints/step-NNNNNNN/`, `metrics.jsonl`, `samples.txt`, `loss.png` and its tokenizer; a fine-tune output holds
-`finetune.yaml`, `finetune.json` and the adapter (or a merged run in `model/`); an export is a Hugging Face folder
+`checkpoints/step-NNNNNNN/`, `metrics.jsonl`, `samples.txt`, `loss.png`, its tokenizer, `data.json` (what the
+prepared data holds) and `environment.json` (each training session's hardware and software); a fine-tune output holds
+`finetune.yaml`, `finetune.json` and the adapter (or a merged run in `model/`). `tinylm eval` adds `eval.json`
+(benchmarks) and `stories.json` + `stories.md` (story quality) to either, and `tinylm report` adds `report.md` and its
+PNGs; an export is a Hugging Face folder
 (`config.json`) or a `.gguf` file.
 
 Every file is written atomically (a temporary file beside it, fsynced, renamed over it), so a crash or a full disk
@@ -44,6 +47,12 @@ FINETUNE_CONFIG_FILE = "finetune.yaml"
 FINETUNE_RESULT_FILE = "finetune.json"
 MERGED_MODEL_FOLDER = "model"
 HF_CONFIG_FILE = "config.json"
+ENVIRONMENT_FILE = "environment.json"
+DATA_FILE = "data.json"
+EVAL_RESULT_FILE = "eval.json"
+STORIES_RESULT_FILE = "stories.json"
+STORIES_REPORT_FILE = "stories.md"
+REPORT_FILE = "report.md"
 
 OutputKind = Literal["run", "finetune", "hf", "gguf"]
 KIND_NAMES: dict[OutputKind, str] = {
@@ -102,6 +111,26 @@ def _mapping_with(path: Path, key: str) -> bool:
 def is_run(path: Path) -> bool:
     """Whether `path` is a run folder that can be loaded: a config and the weights."""
     return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
+
+
+def results_folder(model: str | Path, out: str | Path | None = None) -> Path | None:
+    """Where the evaluations of `model` are written: `out` when given, else the model itself when it is a run folder
+    or a fine-tune output; None for other models (a Hugging Face folder or a .gguf is not tinylm's to write into)."""
+    if out is not None:
+        return Path(out).expanduser()
+    path = Path(model).expanduser()
+    return path if is_run(path) or (path / FINETUNE_RESULT_FILE).is_file() else None
+
+
+def update_json(path: Path, section: str, entries: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """Merge `entries` into the `section` mapping of the JSON file at `path` (created when missing), set `fields`,
+    and write it atomically: a later evaluation of the same task replaces that task's entry and keeps the others."""
+    data = read_json(path) if Path(path).is_file() else {}
+    data.update(fields)
+    data[section] = {**data.get(section, {}), **entries}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, data)
+    return data
 
 
 # --- Claiming an output ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,9 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
 )
+
+FINAL_ANSWER = re.compile(r"####\s*([^\n]+?)\s*$")
+"""GSM8K's convention: a worked answer ends with a line `#### 42`, the final answer to check."""
 
 Messages = list[dict[str, str]]
 Render = Callable[[Messages, bool], str]
@@ -124,6 +128,20 @@ def load_instructions(spec: str, held_out_examples: int, max_examples: int | Non
         train=[e for i, e in enumerate(examples) if i not in held],
         held_out=[e for i, e in enumerate(examples) if i in held],
     )
+
+
+def final_answer(text: str) -> str | None:
+    """The checkable final answer of a response (`#### 1,200.` gives "1200"), or None when it has none. Thousands
+    separators, a currency sign and a closing full stop are dropped, so answers compare as their values."""
+    found = FINAL_ANSWER.search(text.strip())
+    if found is None:
+        return None
+    answer = found[1].replace(",", "").replace("$", "").strip().rstrip(".")
+    try:
+        number = float(answer)
+    except ValueError:
+        return answer
+    return str(int(number)) if number.is_integer() else str(number)
 
 
 def encode_conversation(messages: Messages, render: Render, encode: Encode) -> tuple[list[int], list[int]]:

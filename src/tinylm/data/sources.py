@@ -87,6 +87,15 @@ TINYSTORIES_V1_FILES = (
         split="val",
     ),
 )
+# The 44 story beginnings the TinyStories paper (Eldan and Li, 2023) asks a model to complete for its quality
+# evaluation, published beside the dataset; the file name has a space, escaped in the URL.
+TINYSTORIES_EVALUATION_PROMPTS = RemoteFile(
+    name="Evaluation prompts.yaml",
+    url=f"{HF_TINYSTORIES}/Evaluation%20prompts.yaml",
+    sha256="a915216be5516348af9db387c5bb51e8e930e7997eb0543a3de0bf63c7fe81ee",
+    size=11759,
+)
+TINYSTORIES_FOLDER = "tinystories"
 # WikiText-2 ships as one zip (its sha256 is recorded by Hugging Face datasets' wikitext script); each split file is
 # extracted from it and checked on its own.
 WIKITEXT2_ZIP = RemoteFile(
@@ -131,7 +140,7 @@ SOURCES: dict[str, DatasetSource] = {
         ),
         DatasetSource(
             name="tinystories",
-            folder="tinystories",
+            folder=TINYSTORIES_FOLDER,
             description="TinyStories V2 (stories written by GPT-4 only): 2.7M stories, 2.2 GB train, 22 MB valid",
             files=TINYSTORIES_V2_FILES,
             subsets={
@@ -150,7 +159,7 @@ SOURCES: dict[str, DatasetSource] = {
         ),
         DatasetSource(
             name="tinystories-v1",
-            folder="tinystories",
+            folder=TINYSTORIES_FOLDER,
             description="TinyStories, the original release (GPT-3.5 and GPT-4 stories): 2.1M stories, 1.9 GB train",
             files=TINYSTORIES_V1_FILES,
             subsets={

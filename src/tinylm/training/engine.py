@@ -46,20 +46,23 @@ from tqdm.auto import tqdm  # widgets in notebooks, text bars elsewhere
 from tinylm.config import TrainConfig, parse_duration
 from tinylm.errors import TinylmError
 from tinylm.runs import (
+    ENVIRONMENT_FILE,
     KIND_NAMES,
     SAMPLES_FILE,
     WEIGHTS_FILE,
     OutputKind,
     check_output,
     output_kind,
+    read_json,
     staged_output,
     tied_names,
+    write_json,
     write_weights,
 )
 from tinylm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tinylm.training.distributed import Processes, gradient_sync, parallelize, reshard, start_processes
 from tinylm.training.optim import build_optimizers, build_schedulers
-from tinylm.training.throughput import flops_per_token, peak_flops, peak_memory_gb
+from tinylm.training.throughput import environment, flops_per_token, peak_flops, peak_memory_gb
 from tinylm.training.tracking import Tracker
 
 Batch = tuple[torch.Tensor, ...]
@@ -289,6 +292,7 @@ class Engine:
             self.say(f"tinylm: resumed {self.out} from {checkpoint_path.name}")
         else:
             processes.run_on_main(lambda: self._claim(overwrite))
+        processes.run_on_main(self._record_environment)
         self.tracker = Tracker(self.out, t.log, task.config_record(), self.step if resume else None, processes.is_main)
         self.say(
             f"tinylm: {task.describe(model)} on {processes.world_size} x {device}, {self.precision_name}, "
@@ -308,6 +312,14 @@ class Engine:
         the same kind goes only now)."""
         with staged_output(self.out, self.task.kind, overwrite) as staging:
             self.task.write_files(staging)
+
+    def _record_environment(self) -> None:
+        """Add this session (hardware, software, from which step) to environment.json: a resumed run may have
+        moved to another machine."""
+        path = self.out / ENVIRONMENT_FILE
+        sessions = read_json(path).get("sessions", []) if path.is_file() else []
+        session = environment(self.device, self.processes.world_size, self.precision_name)
+        write_json(path, {"sessions": [*sessions, {**session, "from_step": self.step, "peak_flops": self.peak_flops}]})
 
     def say(self, message: str) -> None:
         if self.processes.is_main:

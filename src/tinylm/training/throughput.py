@@ -7,8 +7,13 @@ same count as nanoGPT). Activation recomputation is not counted, so checkpointin
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import platform
 import resource
 import sys
+import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,3 +65,28 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 1e9
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1e9 if sys.platform == "darwin" else peak / 1e6  # bytes on macOS, kilobytes on Linux
+
+
+def environment(device: torch.device, processes: int, precision: str) -> dict[str, Any]:
+    """Where and with what a training session runs: the hardware and the software versions (for `tinylm report`)."""
+    try:
+        tinylm_version = importlib.metadata.version("tinylm")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        tinylm_version = None
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        hardware = (
+            f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs, {torch.get_num_threads()} threads)"
+        )
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": device.type,
+        "hardware": hardware,
+        "processes": processes,
+        "precision": precision,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "tinylm": tinylm_version,
+        "platform": platform.platform(),
+    }

@@ -4,8 +4,9 @@ A batch is train.batch_size windows of model.block_size + 1 tokens drawn at rand
 or, with data.packing bos, train.batch_size rows of documents packed from their starts (data/loader.py PackedRows),
 attention kept inside each document; the loss is the cross-entropy of every next token. Each evaluation measures the
 mean loss on fixed batches of the train and val splits (the same batches every time, so two evaluations differ only
-by the weights) and continues the recipe's sample prompt. The run folder gets config.yaml, the tokenizer,
-model.safetensors (best by val loss), checkpoints/, metrics.jsonl, loss.png and samples.txt.
+by the weights) and continues the recipe's sample prompt. The run folder gets config.yaml, the tokenizer, data.json
+(the prepared data's token counts), model.safetensors (best by val loss), checkpoints/, metrics.jsonl, loss.png and
+samples.txt.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tinylm.errors import TinylmError
 from tinylm.generate import encode_prompt, stream_text
 from tinylm.model import build_model, count_parameters
 from tinylm.pretrained import HuggingFaceLM, load_pretrained
-from tinylm.runs import CONFIG_FILE, write_yaml
+from tinylm.runs import CONFIG_FILE, DATA_FILE, write_json, write_yaml
 from tinylm.tokenizers import Tokenizer, load_tokenizer
 from tinylm.training.distributed import Processes
 from tinylm.training.engine import Batch, Engine, Forward, Task
@@ -46,7 +47,7 @@ class Pretraining(Task):
         data = processes.run_on_main(lambda: prepare(config.data)) or prepare(config.data)
         if self.resume:  # text changed since: data prepared again may hold other ids than the model learned
             data.check_tokenizer(load_tokenizer(self.out))
-        self.data_folder, self.tokenizer = data.folder, data.tokenizer
+        self.data_folder, self.tokenizer, self.data_meta = data.folder, data.tokenizer, data.meta
         vocab_size = config.model.vocab_size or self.tokenizer.vocab_size
         if vocab_size < self.tokenizer.vocab_size:
             raise TinylmError(
@@ -77,6 +78,7 @@ class Pretraining(Task):
 
     def write_files(self, folder: Path) -> None:
         write_yaml(folder / CONFIG_FILE, self.config.to_dict())
+        write_json(folder / DATA_FILE, {key: value for key, value in self.data_meta.items() if key != "inputs"})
         self.tokenizer.save(folder)
 
     def describe(self, model: nn.Module) -> str:

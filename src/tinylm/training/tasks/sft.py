@@ -1,7 +1,7 @@
 """Instruction fine-tuning: LoRA (QLoRA with 4/8-bit weights on CUDA) through peft, or every weight.
 
     base (Hugging Face model, GGUF, tinylm run) + instruction data (Alpaca or chat form, see data/instructions.py)
-      -> held-out loss before -> training on the response tokens -> held-out loss of the best weights
+      -> held-out loss (and answer accuracy) before -> training on the response tokens -> the same of the best weights
       -> out/: adapter_config.json + adapter_model.safetensors (LoRA, peft format), tokenizer and chat template,
                model/ (--merge or full fine-tuning: a Hugging Face folder, or a tinylm run for a tinylm base),
                finetune.yaml (config), finetune.json (results), metrics.jsonl, checkpoints/ (resume)
@@ -10,6 +10,9 @@ A row is one conversation (or, with `pack`, max_length tokens of conversations l
 cross-entropy of the assistant's tokens only. A tinylm run is fine-tuned as tinylm's own GPT: peft wraps any
 nn.Module, its layers are named `qkv`, `proj`, `fc` (or `gate`, `up`), and the result stays a tinylm run that every
 tinylm command reads. `tinylm.load(out)` loads any result for generation, chat, serving and evaluation.
+
+When held-out responses carry a checkable final answer (GSM8K's `#### 42`), each evaluation also reports
+`answer_accuracy`: the share of them whose greedy response ends in the same final answer (exact match of the values).
 """
 
 from __future__ import annotations
@@ -24,10 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinylm.config import Config, FinetuneConfig, batch_size_from_tokens, check_config, finetune_train_defaults
-from tinylm.data.instructions import IGNORE, TokenizedExamples, load_instructions
+from tinylm.config import (
+    Config,
+    FinetuneConfig,
+    SampleConfig,
+    batch_size_from_tokens,
+    check_config,
+    finetune_train_defaults,
+)
+from tinylm.data.instructions import IGNORE, Messages, TokenizedExamples, final_answer, load_instructions
 from tinylm.errors import TinylmError
-from tinylm.pretrained import HuggingFaceLM, Pretrained, load_pretrained
+from tinylm.generate import generate_tokens
+from tinylm.pretrained import ChatTokenizer, HuggingFaceLM, Pretrained, load_pretrained
 from tinylm.runs import (
     CONFIG_FILE,
     FINETUNE_CONFIG_FILE,
@@ -40,7 +51,7 @@ from tinylm.runs import (
     write_json,
     write_yaml,
 )
-from tinylm.training.distributed import Processes
+from tinylm.training.distributed import Processes, reshard
 from tinylm.training.engine import Batch, Engine, Forward, Task, TrainResult, checkpoint_blocks, run_task
 
 
@@ -55,6 +66,10 @@ class FinetuneResult:
     elapsed_s: float
     peak_gpu_memory_mb: float | None
     """Most CUDA memory allocated at once during the fine-tune (None off CUDA)."""
+    answer_accuracy_before: float | None = None
+    """Share of held-out examples answered right (greedy) before training; None when the data has no final answers."""
+    answer_accuracy_after: float | None = None
+    """The same for the weights kept."""
 
 
 def finetune(config: FinetuneConfig, overwrite: bool = False, resume: bool = False) -> FinetuneResult:
@@ -94,6 +109,9 @@ class InstructionTuning(Task):
         encode = (tokenizer.render, tokenizer.encode)
         self.train_set = TokenizedExamples(data.train, *encode, max_length, config.pack, tokenizer.pad_id)
         self.held_out = TokenizedExamples(data.held_out, *encode, max_length, pad_id=tokenizer.pad_id)
+        self.answered = answered_prompts(data.held_out, tokenizer, max_length)
+        longest = max((len(tokenizer.encode(response)) for _, _, response in self.answered), default=0)
+        self.answer_tokens = min(longest + ANSWER_MARGIN_TOKENS, max_length)
         self.processes = processes
         return lm
 
@@ -138,7 +156,35 @@ class InstructionTuning(Task):
         mine = list(range(self.processes.rank, len(self.held_out), self.processes.world_size))
         size = engine.micro_batch_size
         batches = [self.held_out.batch(mine[first : first + size]) for first in range(0, len(mine), size)]
-        return {"val_loss": engine.mean_loss(batches)}
+        scores = {"val_loss": engine.mean_loss(batches)}
+        if self.answered:
+            scores["answer_accuracy"] = self.answer_accuracy(engine)
+        return scores
+
+    @torch.no_grad()
+    def answer_accuracy(self, engine: Engine) -> float:
+        """The share of held-out examples whose greedy response ends in the reference's final answer. Every process
+        generates them all, in the same steps: sharded weights (FSDP) need every process in each forward pass."""
+        sampling = SampleConfig(max_new_tokens=self.answer_tokens, temperature=0.0)
+        stop_ids, decode = self.base.tokenizer.stop_ids, self.base.tokenizer.decode
+        size, correct = engine.micro_batch_size, 0
+        for first in range(0, len(self.answered), size):
+            chunk = self.answered[first : first + size]
+            responses: list[list[int]] = [[] for _ in chunk]
+            ended = [False] * len(chunk)
+            with engine.autocast():
+                for step in generate_tokens(engine.model, [prompt for prompt, _, _ in chunk], sampling):
+                    for row, token in enumerate(step):
+                        if token is None or ended[row]:
+                            continue
+                        ended[row] = token in stop_ids
+                        if not ended[row]:
+                            responses[row].append(token)
+                    if all(ended) and self.processes.world_size == 1:  # alone, nothing to keep in step with
+                        break
+            correct += sum(final_answer(decode(ids)) == answer for ids, (_, answer, _) in zip(responses, chunk))
+        reshard(engine.model)
+        return correct / len(self.answered)
 
     def finish(self, model: nn.Module, result: TrainResult) -> None:
         device = self.processes.device
@@ -150,6 +196,9 @@ class InstructionTuning(Task):
             "elapsed_s": result.elapsed_s,
             "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         }
+        if self.answered:
+            result.details["answer_accuracy_before"] = result.start["answer_accuracy"]
+            result.details["answer_accuracy_after"] = result.best["answer_accuracy"]
         if not result.is_main:
             return
         save_outputs(self.out, self.config, self.base, self.trainable)
@@ -163,6 +212,24 @@ class InstructionTuning(Task):
 
     def config_record(self) -> dict[str, Any]:
         return asdict(self.config)
+
+
+ANSWER_MARGIN_TOKENS = 16
+"""Greedy responses may run this many tokens past the longest reference response before they are cut."""
+
+
+def answered_prompts(
+    conversations: list[Messages], tokenizer: ChatTokenizer, max_length: int
+) -> list[tuple[list[int], str, str]]:
+    """(prompt ids, final answer, reference response) of each conversation whose last response carries a final
+    answer; the prompt is the conversation up to that response, its last max_length tokens."""
+    found = []
+    for messages in conversations:
+        response = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
+        answer = final_answer(response)
+        if answer is not None:
+            found.append((tokenizer.prompt_ids(messages[:-1])[-max_length:], answer, response))
+    return found
 
 
 def check_finetune_config(config: FinetuneConfig) -> None:
