@@ -177,9 +177,9 @@ class InstructionTuning(Task):
                     for row, token in enumerate(step):
                         if token is None or ended[row]:
                             continue
-                        ended[row] = token in stop_ids
+                        ended[row] = token.id in stop_ids
                         if not ended[row]:
-                            responses[row].append(token)
+                            responses[row].append(token.id)
                     if all(ended) and self.processes.world_size == 1:  # alone, nothing to keep in step with
                         break
             correct += sum(final_answer(decode(ids)) == answer for ids, (_, answer, _) in zip(responses, chunk))
