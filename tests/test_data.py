@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, tiny_overrides
+from conftest import SMALL_TEXT, run_cli, tiny_overrides
 
 import tinylm
 from tinylm.config import DataConfig
@@ -329,3 +329,22 @@ def test_train_prepares_tinystories_with_a_trained_bpe_on_first_use(needs_mirror
     assert run.tokenizer.spec == "bpe:512" and run.config.model.vocab_size == 512
     assert (result.run_dir / "tokenizer.json").is_file()
     assert re.match(r"Once upon a time", result.sample)
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "bpe:300"])
+def test_a_document_longer_than_a_batch_is_tokenized_in_pieces_to_the_same_ids(tmp_path, monkeypatch, tokenizer):
+    """One huge line costs the memory of a batch, not of the line: it goes in pieces cut at word boundaries."""
+    text = (SMALL_TEXT.replace("\n", " ") + "  double  spaces,\tand tabs ") * 6  # one document, no separator
+    (tmp_path / "one.txt").write_text(text)
+    config = DataConfig(source=str(tmp_path / "one.txt"), tokenizer=tokenizer, data_dir=str(tmp_path / "d"))
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 300)
+    pieces = list(prepare_module._pieces(text))
+    assert "".join(pieces) == text and len(pieces) > 20 and max(map(len, pieces)) <= 300
+    assert all(isinstance(piece, prepare_module.DocumentPiece) for piece in pieces[:-1])
+    assert not isinstance(pieces[-1], prepare_module.DocumentPiece)
+    data = prepare(config)
+    documents = documents_of(config)
+    for split in ("train", "val"):
+        (document,) = documents[split]
+        assert shard_tokens(data, split) == [*data.tokenizer.encode(document), data.tokenizer.end_of_text]
+        assert data.meta["splits"][split]["documents"] == 1

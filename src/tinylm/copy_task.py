@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from tinylm.config import Config, TaskConfig, config_from_dict
+from tinylm.config import Config, TaskConfig, run_config
 from tinylm.device import resolve_device
 from tinylm.errors import TinylmError
 from tinylm.model import build_model
@@ -181,7 +180,7 @@ def load_copy_task(path: str | Path, device: str = "auto") -> CopyTaskRun:
             f"{path} is not a tinylm run folder (it needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
             "give the --out folder of a finished `tinylm train configs/copy-task.yaml`"
         )
-    config = config_from_dict(yaml.safe_load((path / CONFIG_FILE).read_text()))
+    config = run_config(path)
     if config.model.arch != "seq2seq":
         raise TinylmError(f"{path} holds a {config.model.arch} model, not a seq2seq one; use `tinylm generate` on it")
     model = build_model(config.model).to(resolve_device(device))

@@ -26,7 +26,7 @@ from tinylm.config import Config, DataConfig, ModelConfig
 from tinylm.errors import TinylmError
 from tinylm.model import build_model
 from tinylm.pretrained import PACKAGED_GGUF, Pretrained, load_tinylm_run, packaged_gguf
-from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, save_weights, staged_output, write_yaml
+from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, check_output, save_weights, staged_output, write_yaml
 from tinylm.tokenizers import (
     END_OF_TEXT,
     HF_TOKENIZER_FILE,
@@ -437,6 +437,7 @@ def export_gguf(run_dir: str | Path, path: str | Path, overwrite: bool = False) 
         import gguf
     except ImportError:
         raise TinylmError(f"GGUF export needs the gguf package: {INSTALL_HINT}") from None
+    check_output(Path(path).expanduser(), "gguf", overwrite, inputs=[run_dir], option="OUT")  # before loading
     run = load_tinylm_run(Path(run_dir).expanduser(), torch.device("cpu"))
     config = run.config.model
     if hf_family(config) != "llama":
