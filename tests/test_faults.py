@@ -41,12 +41,10 @@ def counted(function):
 
 for module, name in [(os, "replace"), (os, "rename"), (os, "fsync"), (os, "mkdir"), (shutil, "rmtree")]:
     setattr(module, name, counted(getattr(module, name)))
-code = main(sys.argv[1:])
-print(f"events: {events}", file=sys.stderr)
-sys.exit(code)
+sys.exit(main(sys.argv[1:]))
 """
 
-TINY = ["--model.block_size", "32", "--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32"]
+TINY = ["--model.block_size", "128", "--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32"]
 TINY += ["--train.max_steps", "6", "--train.eval_interval", "2", "--train.batch_size", "4", "--train.device", "cpu"]
 
 

@@ -215,17 +215,22 @@ def write_shards(
     writers: dict[str, ShardWriter] = {}
     counts: dict[str, dict[str, int]] = {}
     bar = tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc=f"tokenizing {source.name}", disable=None)
-    with bar:
-        batches = _encoded_batches(_batches(source.documents()), tokenizer, folder, dtype, num_proc)
-        for split, batch, (ids, batch_bytes) in batches:
-            if split not in writers:
-                writers[split] = ShardWriter(folder, split, dtype, shard_tokens)
-                counts[split] = {"documents": 0, "bytes": 0, "chars": 0}
-            writers[split].write(ids)
-            counts[split]["documents"] += sum(not isinstance(document, DocumentPiece) for document in batch)
-            counts[split]["bytes"] += batch_bytes
-            counts[split]["chars"] += sum(len(document) for document in batch)
-            bar.update(batch_bytes)
+    try:
+        with bar:
+            batches = _encoded_batches(_batches(source.documents()), tokenizer, folder, dtype, num_proc)
+            for split, batch, (ids, batch_bytes) in batches:
+                if split not in writers:
+                    writers[split] = ShardWriter(folder, split, dtype, shard_tokens)
+                    counts[split] = {"documents": 0, "bytes": 0, "chars": 0}
+                writers[split].write(ids)
+                counts[split]["documents"] += sum(not isinstance(document, DocumentPiece) for document in batch)
+                counts[split]["bytes"] += batch_bytes
+                counts[split]["chars"] += sum(len(document) for document in batch)
+                bar.update(batch_bytes)
+    except BaseException:
+        for writer in writers.values():  # no file left open (on a full disk: none keeping its space taken)
+            writer.close()
+        raise
     in_order = sorted(writers, key=("train", "val", "test").index)
     return {
         split: {"files": writers[split].close(), "tokens": writers[split].tokens, **counts[split]} for split in in_order
@@ -357,7 +362,7 @@ class ShardWriter:
             if self._room == 0:
                 self._next_file()
             part, ids = ids[: self._room], ids[self._room :]
-            part.tofile(self._file)
+            self._file.write(memoryview(part))  # not ndarray.tofile, whose OSError on a full disk has no errno
             self._room -= part.size
             self.tokens += part.size
 
