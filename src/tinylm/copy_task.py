@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from tinylm.device import resolve_device
 from tinylm.errors import TinylmError
 from tinylm.model import build_model
 from tinylm.model.seq2seq import BOS, EOS, PAD, Seq2SeqTransformer
-from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, load_weights
+from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, load_weights, write_atomically
 
 SPECIAL_TOKENS = ("PAD", "BOS", "EOS")
 ATTENTION_PLOT = "cross_attention.png"
@@ -217,7 +216,5 @@ def draw_cross_attention(attention: CrossAttention, path: Path, title: str) -> P
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_bytes(buffer.getvalue())
-    os.replace(partial, path)
+    write_atomically(path, buffer.getvalue())
     return path

@@ -60,7 +60,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # a half-written checkpoint is never left behind
         raise
-    for old in sorted(root.glob("step-*"))[:-keep]:
+    for old in checkpoint_folders(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final
 
@@ -102,8 +102,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 
 def checkpoint_folders(run_dir: Path) -> list[Path]:
-    """The run's checkpoint folders, oldest first."""
-    return sorted((run_dir / CHECKPOINTS).glob("step-*"))
+    """The run's checkpoint folders (`step-` and seven digits), oldest first."""
+    return sorted((run_dir / CHECKPOINTS).glob("step-" + "[0-9]" * 7))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -111,11 +111,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def latest_whole_checkpoint(run_dir: Path) -> tuple[Checkpoint, list[str]]:
-    """The newest checkpoint that loads, and why each newer one did not (a disk that failed, a file that was cut
-    short): training goes on from the last good state. A one-line TinylmError when none loads."""
+def latest_whole_checkpoint(run_dir: Path, at_most: int | None = None) -> tuple[Checkpoint, list[str]]:
+    """The newest checkpoint that loads (of step `at_most` or earlier, if given), and why each newer one did not (a
+    disk that failed, a file that was cut short): training goes on from the last good state. A one-line TinylmError
+    when none loads."""
     damaged = []
-    for path in reversed(checkpoint_folders(run_dir)):
+    folders = checkpoint_folders(run_dir)
+    if at_most is not None:
+        folders = [path for path in folders if int(path.name.removeprefix("step-")) <= at_most]
+    for path in reversed(folders):
         try:
             return load_checkpoint(path), damaged
         except TinylmError as error:

@@ -64,7 +64,6 @@ from tinylm.training.checkpoint import (
     Checkpoint,
     latest_checkpoint,
     latest_whole_checkpoint,
-    load_checkpoint,
     save_checkpoint,
 )
 from tinylm.training.distributed import Processes, gradient_sync, parallelize, reshard, start_processes
@@ -307,6 +306,7 @@ class Engine:
         self.start = time.perf_counter()
         if checkpoint is not None:
             resumed_from = checkpoint.path.name
+            self._check_fixed_settings(checkpoint, resolved=True)
             self.restore(checkpoint)
             del checkpoint  # its tensors map the checkpoint's files: hold them no longer than needed
             self.tracker = Tracker(self.out, t.log, task.config_record(), self.step, processes.is_main)
@@ -328,19 +328,22 @@ class Engine:
         checkpoint, damaged = latest_whole_checkpoint(self.out)
         for reason in damaged:
             self.say(f"tinylm: skipping a damaged checkpoint: {reason}")
-        self._check_fixed_settings(checkpoint)
+        self._check_fixed_settings(checkpoint, resolved=False)
         return checkpoint
 
-    def _check_fixed_settings(self, checkpoint: Checkpoint) -> None:
+    def _check_fixed_settings(self, checkpoint: Checkpoint, resolved: bool) -> None:
         """Refuse to resume when a setting the checkpoint was trained with has changed since (config.yaml edited by
-        hand): the weights would be trained on as another model or other data without a word."""
+        hand): the weights would be trained on as another model or other data without a word. Before the task's
+        setup (`resolved` False) a null is not compared: it may stand for a value setup derives (model.vocab_size
+        from the tokenizer), compared once it is."""
         saved = checkpoint.info.get("fixed")
         if saved is None:  # a checkpoint of a tinylm that did not record them
             return
-        now = json.loads(json.dumps(self.task.fixed_settings()))  # as state.json holds them: lists, not tuples
-        for key in sorted(set(_flat(now)) | set(_flat(saved))):
-            was, is_now = _flat(saved).get(key), _flat(now).get(key)
-            if was != is_now:
+        saved = _flat(saved)
+        now = _flat(json.loads(json.dumps(self.task.fixed_settings())))  # as state.json holds them: lists, not tuples
+        for key in sorted(saved.keys() | now.keys()):
+            was, is_now = saved.get(key), now.get(key)
+            if was != is_now and (resolved or is_now is not None):
                 raise TinylmError(
                     f"{key} is {is_now!r} now but {checkpoint.path.name} was trained with {was!r}; --resume continues "
                     f"the same run: put {key} back to {was!r} (start a new run with another --out to change it)"
@@ -498,7 +501,8 @@ class Engine:
                 "checkpoint and continue past those batches"
             )
         batches_now = self.batch_generator.get_state()
-        checkpoint = load_checkpoint(latest_checkpoint(self.out))
+        # The newest state at or before this step (a resumed run may hold damaged or abandoned later ones).
+        checkpoint, _ = latest_whole_checkpoint(self.out, at_most=self.step)
         self.restore(checkpoint)
         self.batch_generator.set_state(batches_now)  # skip the batches that led to the NaN
         self.rollbacks += 1
