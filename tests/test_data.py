@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, tiny_overrides
+from conftest import SMALL_TEXT, run_cli, tiny_overrides
 
 import tinylm
 from tinylm.config import DataConfig, ModelConfig
@@ -401,3 +401,22 @@ def test_training_on_packed_documents_lowers_the_loss(text_file, tmp_path):
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0] and math.isfinite(result.best_val_loss)
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "bpe:300"])
+def test_a_document_longer_than_a_batch_is_tokenized_in_pieces_to_the_same_ids(tmp_path, monkeypatch, tokenizer):
+    """One huge line costs the memory of a batch, not of the line: it goes in pieces cut at word boundaries."""
+    text = (SMALL_TEXT.replace("\n", " ") + "  double  spaces,\tand tabs ") * 6  # one document, no separator
+    (tmp_path / "one.txt").write_text(text)
+    config = DataConfig(source=str(tmp_path / "one.txt"), tokenizer=tokenizer, data_dir=str(tmp_path / "d"))
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 300)
+    pieces = list(prepare_module._pieces(text))
+    assert "".join(pieces) == text and len(pieces) > 20 and max(map(len, pieces)) <= 300
+    assert all(isinstance(piece, prepare_module.DocumentPiece) for piece in pieces[:-1])
+    assert not isinstance(pieces[-1], prepare_module.DocumentPiece)
+    data = prepare(config)
+    documents = documents_of(config)
+    for split in ("train", "val"):
+        (document,) = documents[split]
+        assert shard_tokens(data, split) == [*data.tokenizer.encode(document), data.tokenizer.end_of_text]
+        assert data.meta["splits"][split]["documents"] == 1

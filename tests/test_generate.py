@@ -217,3 +217,29 @@ def test_logit_bias_outside_the_vocabulary_is_one_line(tmp_path, capsys):
     run_dir = untrained_run(tmp_path / "run")
     code, _, err = run_cli(capsys, "generate", str(run_dir), "--logit-bias", '{"9999": -100}')
     assert code == 1 and err == "tinylm: error: logit_bias names token 9999, but the vocabulary has ids 0 to 35\n"
+
+
+def test_memory_does_not_grow_with_max_new_tokens(tmp_path):
+    run = tinylm.load(untrained_run(tmp_path / "run"))
+    huge = SampleConfig(max_new_tokens=10**12, temperature=0)  # 8 TB of token ids if allocated up front
+    steps = generate_tokens(run.model, [run.tokenizer.encode("All:")], huge)
+    assert len([step for step, _ in zip(steps, range(5))]) == 5
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv-cache", "no-cache"])
+def test_text_many_contexts_long_is_what_a_plain_sliding_window_gives(tmp_path, use_cache):
+    """Past twice the context the token buffer drops its oldest context: nothing the model reads may change."""
+    run = tinylm.load(untrained_run(tmp_path / "run"))
+    prompt = run.tokenizer.encode("First Citizen:\n")
+    sampling = SampleConfig(max_new_tokens=150, temperature=0)
+    produced = [step[0] for step in generate_tokens(run.model, [prompt], sampling, use_cache)]
+    new = [token.id for token in produced if token is not None]
+    if not use_cache:  # the reference: every step reads the last block_size tokens of the whole text
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(150):
+                ids.append(int(run.model(torch.tensor([ids[-32:]]))[0][0, -1].argmax()))
+        assert new == ids[len(prompt) :]
+    prompts = [run.tokenizer.encode("F"), prompt]
+    together = list(generate_tokens(run.model, prompts, sampling, use_cache))
+    assert [step[1].id for step in together if step[1] is not None] == new

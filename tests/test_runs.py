@@ -4,6 +4,7 @@ absent, a full disk included."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from tinylm.runs import (
     output_kind,
     read_json,
     read_yaml,
+    remove_stale_staging,
     save_weights,
     staged_output,
     write_atomically,
@@ -218,3 +220,29 @@ def test_an_export_onto_its_previous_export_on_a_full_disk_keeps_it(tmp_path, sm
     assert code == 1 and "no space left" in err and len(err.strip().splitlines()) == 1
     assert tree_hashes(disk) == before
     assert os.listdir(disk) == ["hf"]
+
+
+def a_dead_process_id() -> int:
+    """The id of a process that has ended (a child that was waited for)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_staging_of_dead_processes_is_cleaned_and_an_old_output_put_back(tmp_path):
+    dead, alive = a_dead_process_id(), os.getpid()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("new")
+    (tmp_path / f".run.{dead}.old").mkdir()  # replaced whole: the old one goes
+    (tmp_path / f".export.{dead}.old").mkdir()  # killed between the two renames: the old one comes back
+    (tmp_path / f".export.{dead}.old" / "config.json").write_text("old export")
+    (tmp_path / f".export.{dead}.tmp").mkdir()  # the half-built replacement
+    (tmp_path / f".model.safetensors.{dead}.tmp").write_text("half")
+    (tmp_path / f".mine.{alive}.tmp").write_text("being written")  # a live writer's
+    (tmp_path / ".notes.txt").write_text("not tinylm's")
+    (tmp_path / f".other.{dead}.tmp").write_text("another output's, when only `run` is cleaned")
+    remove_stale_staging(tmp_path, "run")
+    assert (tmp_path / f".other.{dead}.tmp").exists() and not (tmp_path / f".run.{dead}.old").exists()
+    remove_stale_staging(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".mine.{alive}.tmp", ".notes.txt", "export", "run"]
+    assert (tmp_path / "export" / "config.json").read_text() == "old export"

@@ -82,6 +82,11 @@ def chat_loop(session: ChatSession, read=input, write=None, flush=None) -> None:
         except KeyboardInterrupt:  # at the prompt: a fresh line, as in a shell
             write("\n")
             continue
+        except UnicodeDecodeError:  # bytes that are not UTF-8 (a terminal in another encoding): the chat goes on
+            line = None
+        if line is None or not _is_text(line):  # or the same bytes kept as surrogate escapes (a C locale)
+            write("error: that line is not UTF-8 text; set your terminal to UTF-8 and type it again\n")
+            continue
         command, *arguments = line.strip().split(maxsplit=2) or [""]
         try:
             if command == "/help":
@@ -109,3 +114,11 @@ def chat_loop(session: ChatSession, read=input, write=None, flush=None) -> None:
         except TinylmError as error:
             write(f"error: {error}\n")
         flush()
+
+
+def _is_text(line: str) -> bool:
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -81,6 +81,12 @@ def build_parser() -> ArgumentParser:
     )
     evaluate.add_argument("--subset", type=str | None, default=None, help="A named part of --data (e.g. head10k).")
     evaluate.add_argument("--text-field", type=str, default="text", help="Field or column of --data holding the text.")
+    evaluate.add_argument(
+        "--errors",
+        type=get_type_hints(DataConfig)["encoding_errors"] | None,
+        default=None,
+        help=f"{field_docs(DataConfig)['encoding_errors']} (default: the data's own setting, else strict)",
+    )
     evaluate.add_argument("--split", type=str, default="val", help="Which split of the data: train, val or test.")
     evaluate.add_argument(
         "--block-size", type=int | None, default=None, help="Context per window (default: the model's, at most 1024)."
@@ -407,10 +413,12 @@ def run_eval(args) -> int:
         return run_benchmarks(args)
     if args.stories:
         return run_stories(args)
-    data = None
+    run = load(args.model, **load_options(args))
+    data = run.config.data if run.config else None
     if args.data is not None:
         data = DataConfig(source=args.data, subset=args.subset, text_field=args.text_field)
-    run = load(args.model, **load_options(args))
+    if data is not None and args.errors is not None:
+        data = replace(data, encoding_errors=args.errors)
     result = run.evaluate(args.split, data, args.stride, args.block_size)
     if args.json:
         print(json.dumps({args.split: result.to_dict()}))

@@ -22,6 +22,7 @@ import docstring_parser
 import yaml
 
 from tinylm.errors import TinylmError
+from tinylm.runs import CONFIG_FILE, read_yaml
 
 
 @dataclass
@@ -412,6 +413,21 @@ def config_from_dict(values: Mapping[str, Any]) -> Config:
     config = apply_batch_tokens(config, "batch_size" in values.get("train", {}))
     check_config(config)
     return config
+
+
+def run_config(folder: Path) -> Config:
+    """The Config in a run folder's config.yaml; a one-line TinylmError naming the file when it is missing, damaged
+    or holds settings that no longer make a valid config."""
+    path = Path(folder) / CONFIG_FILE
+    return saved_config(read_yaml(path), path)
+
+
+def saved_config(values: Mapping[str, Any], path: Path) -> Config:
+    """config_from_dict of the settings read from `path`, its errors naming the file they are in."""
+    try:
+        return config_from_dict(values)
+    except TinylmError as error:
+        raise TinylmError(f"{path} is not a valid run config ({error}); restore it or write the run again") from None
 
 
 def _dataclass_from_dict(cls: type, values: Any, prefix: str) -> Any:

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from tinylm.config import Config, TaskConfig, config_from_dict
+from tinylm.config import Config, TaskConfig, run_config
 from tinylm.device import resolve_device
 from tinylm.errors import TinylmError
 from tinylm.model import build_model
 from tinylm.model.seq2seq import BOS, EOS, PAD, Seq2SeqTransformer
-from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, load_weights
+from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, load_weights, write_atomically
 
 SPECIAL_TOKENS = ("PAD", "BOS", "EOS")
 ATTENTION_PLOT = "cross_attention.png"
@@ -181,7 +179,7 @@ def load_copy_task(path: str | Path, device: str = "auto") -> CopyTaskRun:
             f"{path} is not a tinylm run folder (it needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
             "give the --out folder of a finished `tinylm train configs/copy-task.yaml`"
         )
-    config = config_from_dict(yaml.safe_load((path / CONFIG_FILE).read_text()))
+    config = run_config(path)
     if config.model.arch != "seq2seq":
         raise TinylmError(f"{path} holds a {config.model.arch} model, not a seq2seq one; use `tinylm generate` on it")
     model = build_model(config.model).to(resolve_device(device))
@@ -218,7 +216,5 @@ def draw_cross_attention(attention: CrossAttention, path: Path, title: str) -> P
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_bytes(buffer.getvalue())
-    os.replace(partial, path)
+    write_atomically(path, buffer.getvalue())
     return path

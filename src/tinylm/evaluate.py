@@ -49,14 +49,11 @@ def document_tokens(
     documents: Iterable[str], encode: Callable[[str], list[int]], separator: int
 ) -> tuple[torch.Tensor, int]:
     """The token stream of the documents (separator, doc, separator, doc, ..., separator) and their UTF-8 bytes."""
-    stream, total_bytes, count = [separator], 0, 0
+    stream, total_bytes = [separator], 0
     for document in documents:
         stream += encode(document)
         stream.append(separator)
         total_bytes += len(document.encode())
-        count += 1
-    if count == 0:
-        raise TinylmError("the split holds no documents; choose another --split (train, val or test)")
     return torch.tensor(stream, dtype=torch.long), total_bytes
 
 

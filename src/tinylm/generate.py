@@ -161,6 +161,10 @@ class ContextWindow:
         self.fed = length
         return logits[:, -1]
 
+    def slide(self, count: int) -> None:
+        """The caller dropped the first `count` columns of the tokens it passes (see generate_tokens)."""
+        self.fed -= count
+
 
 @dataclass(frozen=True)
 class Token:
@@ -234,7 +238,13 @@ def generate_tokens(
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     shortest, longest = int(lengths.min()), int(lengths.max())
     total = longest + sampling.max_new_tokens
-    tokens = torch.zeros(len(prompts), total, dtype=torch.long, device=device)
+    # Memory is bounded by the context, never by max_new_tokens (which may be huge: text until a stop token): the
+    # model reads at most the last context of tokens, so `tokens` holds the prompts and two contexts, and when it is
+    # full its oldest context is dropped. `tokens[:, i]` is the text's position `dropped + i`.
+    block_size = model.config.block_size
+    width = longest + min(sampling.max_new_tokens, 2 * block_size)
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    dropped = 0
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = torch.tensor(prompt, device=device)
     seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
@@ -245,17 +255,22 @@ def generate_tokens(
     model.eval()
     try:
         for position in range(shortest, total):
-            logits = window.next_logits(tokens[:, :position])
+            if position - dropped == tokens.shape[1]:  # every prompt is read by now: prompts fit in `longest`
+                tokens = torch.cat([tokens[:, block_size:], torch.zeros_like(tokens[:, :block_size])], dim=1)
+                dropped += block_size
+                window.slide(block_size)
+            column = position - dropped
+            logits = window.next_logits(tokens[:, :column])
             sampled = sample_next_token(logits, sampling, seen, generator, generated, bias)
             reading = position < lengths
-            tokens[:, position] = torch.where(reading, tokens[:, position], sampled)
-            seen.scatter_(1, tokens[:, position : position + 1], True)
+            tokens[:, column] = torch.where(reading, tokens[:, column], sampled)
+            seen.scatter_(1, tokens[:, column : column + 1], True)
             is_new = ~reading & (position < lengths + sampling.max_new_tokens)
-            generated.scatter_add_(1, tokens[:, position : position + 1], is_new[:, None].to(generated.dtype))
+            generated.scatter_add_(1, tokens[:, column : column + 1], is_new[:, None].to(generated.dtype))
             if top_logprobs is None:
-                step = [Token(token) for token in tokens[:, position].tolist()]
+                step = [Token(token) for token in tokens[:, column].tolist()]
             else:
-                step = scored_tokens(logits, tokens[:, position], top_logprobs)
+                step = scored_tokens(logits, tokens[:, column], top_logprobs)
             yield [token if new else None for token, new in zip(step, is_new.tolist())]
     finally:
         model.train(was_training)

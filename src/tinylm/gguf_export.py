@@ -25,7 +25,7 @@ from tinylm.errors import TinylmError
 from tinylm.gguf_metadata import load_gguf_metadata
 from tinylm.hf import INSTALL_HINT, hf_family, hf_tokenizer, rename, special_token_ids, split_qkv, tinylm_state
 from tinylm.pretrained import Pretrained, load_tinylm_run
-from tinylm.runs import staged_output
+from tinylm.runs import check_output, staged_output
 from tinylm.tokenizers import CharTokenizer
 
 # llama.cpp's tensor names for tinylm's modules, per architecture (`{i}`: the block; .weight/.bias carry over).
@@ -73,6 +73,7 @@ def export_gguf(
     choices = get_args(get_type_hints(ExportConfig)["quant"])
     if quant not in choices:
         raise TinylmError(f"--quant {quant} is not a GGUF weight type tinylm writes; choose {', '.join(choices)}")
+    check_output(Path(path).expanduser(), "gguf", overwrite, inputs=[run_dir], option="OUT")  # before loading
     run = load_tinylm_run(Path(run_dir).expanduser(), torch.device("cpu"))
     config = run.config.model
     architecture = gguf_architecture(config)

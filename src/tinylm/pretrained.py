@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinylm.config import Config, config_from_dict
+from tinylm.config import Config, run_config
 from tinylm.data.instructions import DEFAULT_CHAT_TEMPLATE, Messages
 from tinylm.errors import TinylmError
 from tinylm.model import build_model
-from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, is_run, load_weights, read_yaml
+from tinylm.runs import CONFIG_FILE, WEIGHTS_FILE, is_run, load_weights
 from tinylm.tokenizers import END_OF_TEXT, HuggingFaceTokenizer, Tokenizer, load_tokenizer
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the name transformers gives a tokenizer's template file too
@@ -246,7 +246,7 @@ def load_pretrained(spec: str, device: torch.device, bits: int | None = None) ->
     path = Path(spec).expanduser()
     if bits is not None:
         check_quantization(device)
-    if is_run(path):
+    if (path / CONFIG_FILE).is_file():  # a tinylm run, whole or not: load_tinylm_run names a missing file
         if bits is not None:
             raise TinylmError("--bits quantizes Hugging Face models only; fine-tune a tinylm run without it")
         return load_tinylm_run(path, device)
@@ -289,7 +289,7 @@ def load_tinylm_run(path: Path, device: torch.device) -> Pretrained:
             f"{path} is not a tinylm run folder (it needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
             "give the --out folder of a finished `tinylm train`"
         )
-    config = config_from_dict(read_yaml(path / CONFIG_FILE))
+    config = run_config(path)
     if config.model.arch == "seq2seq":
         raise TinylmError(
             f"{path} holds a seq2seq model, which answers sequences rather than continuing text; "

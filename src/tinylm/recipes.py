@@ -27,6 +27,8 @@ from tinylm.config import (
     check_config,
     config_from_dict,
     field_docs,
+    run_config,
+    saved_config,
 )
 from tinylm.errors import TinylmError
 from tinylm.model.budget import block_matrices, block_vectors
@@ -75,7 +77,7 @@ def config_of_model(target: str) -> Config:
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():
             raise TinylmError(f"{target} holds no {CONFIG_FILE}; give a model preset, a recipe or a run folder")
-        return config_from_dict(read_yaml(path / CONFIG_FILE))
+        return run_config(path)
     if path.is_file():
         return load_config(path)
     if target.startswith("depth:"):
@@ -94,8 +96,10 @@ def parse_user_values(parser: ArgumentParser, args: list[str]) -> dict[str, Any]
     """The keys the user set (in the recipe or on the command line), type-checked, without defaults filled in."""
     if args and not args[0].startswith("-"):
         args = ["--config", *args]  # `tinylm train RECIPE ...`: the recipe is the first positional argument
-    if len(args) >= 2 and args[0] == "--config" and not Path(args[1]).is_file():
-        raise TinylmError(f"recipe not found: {args[1]} (see configs/ for the recipes that ship with tinylm)")
+    if len(args) >= 2 and args[0] == "--config":
+        if not Path(args[1]).is_file():
+            raise TinylmError(f"recipe not found: {args[1]} (see configs/ for the recipes that ship with tinylm)")
+        read_yaml(Path(args[1]))  # a recipe that is not a YAML mapping is named; jsonargparse's words would not
     args = [_underscored(arg) for arg in args]
     try:
         values = parser.parse_args(args, defaults=False).as_dict()
@@ -257,6 +261,7 @@ def resume_config(run_dir: str | Path, user_values: dict[str, Any]) -> Config:
     if not saved_file.is_file():
         raise TinylmError(f"{run_dir} is not a tinylm run folder (no {CONFIG_FILE}); give the --out folder of a run")
     saved = read_yaml(saved_file)
+    saved_config(saved, saved_file)  # a damaged config.yaml is named as such, not blamed on the user's values
     for section in ("data", "model"):
         for key, value in user_values.get(section, {}).items():
             if saved[section].get(key) != value:

@@ -26,6 +26,8 @@ from tinylm.generate import Piece, check_logit_bias, encode_prompt, stream_text
 from tinylm.pretrained import ChatTokenizer, HuggingFaceLM, Pretrained, load_pretrained, load_tinylm_run
 from tinylm.quantize import check_quantize, quantize_int8
 from tinylm.runs import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
     CONFIG_FILE,
     FINETUNE_RESULT_FILE,
     HF_CONFIG_FILE,
@@ -33,11 +35,13 @@ from tinylm.runs import (
     WEIGHTS_FILE,
     is_run,
     read_json,
+    read_weights,
 )
 from tinylm.tokenizers import Tokenizer
 
 ROLES = ("system", "developer", "user", "assistant")
 """A `developer` message (OpenAI's newer name for instructions to the model) is given to the template as `system`."""
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -143,14 +147,21 @@ class Run:
         sliding window of `block_size` tokens (default: the model's context, at most DEFAULT_EVAL_CONTEXT) moved
         `stride` tokens at a time."""
         context = self.model.config.block_size
-        block_size = block_size or min(context, DEFAULT_EVAL_CONTEXT)
+        block_size = min(context, DEFAULT_EVAL_CONTEXT) if block_size is None else block_size
         if not 1 <= block_size <= context:
-            raise TinylmError(f"--block-size must be between 1 and the model's context {context}")
+            raise TinylmError(f"--block-size must be between 1 and the model's context {context}, not {block_size}")
+        if split not in SPLITS:
+            raise TinylmError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
         data = data or (self.config.data if self.config else None)
         if data is None:
             raise TinylmError(f"{self.path} has no dataset of its own; give the text to evaluate it on with --data")
-        documents = open_source(data).split_documents(split)
-        tokens, text_bytes = document_tokens(documents, self.tokenizer.encode, self.tokenizer.end_of_text)
+        source = open_source(data)
+        tokens, text_bytes = document_tokens(
+            source.split_documents(split), self.tokenizer.encode, self.tokenizer.end_of_text
+        )
+        if text_bytes == 0:  # read again, only to say which splits there are
+            there = sorted({name for name, _ in source.documents()}, key=SPLITS.index)
+            raise TinylmError(f"the {split} split of {data.source} is empty; it has {', '.join(there) or 'no text'}")
         device = next(self.model.parameters()).device
         logits_of = lambda ids: self.model(ids)[0]  # noqa: E731
         return evaluate(logits_of, tokens, text_bytes, block_size, stride, self.model.config.vocab_size, device)
@@ -191,8 +202,20 @@ def load_finetune_output(folder: Path, device: str = "auto") -> Run:
     from peft import PeftModel
 
     info = read_json(folder / FINETUNE_RESULT_FILE)
+    if not isinstance(info.get("base"), str):
+        raise TinylmError(f"{folder / FINETUNE_RESULT_FILE} names no base model; restore it or fine-tune again")
+    # Read here first, so that a missing or damaged file is named in one line (peft's own errors are tracebacks).
+    read_json(folder / ADAPTER_CONFIG_FILE)
+    read_weights(folder / ADAPTER_WEIGHTS_FILE)
     base = load_pretrained(info["base"], resolve_device(device))
-    adapted = PeftModel.from_pretrained(base.model, str(folder))
+    try:
+        adapted = PeftModel.from_pretrained(base.model, str(folder))
+    except (RuntimeError, ValueError, KeyError) as error:  # an adapter of other shapes or modules than the base's
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TinylmError(
+            f"the adapter in {folder} does not fit its base {info['base']} ({reason[:200]}); restore the base it was "
+            "trained on or fine-tune again"
+        ) from None
     return pretrained_run(folder, replace(base, model=adapted, has_chat_template=True))
 
 

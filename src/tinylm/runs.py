@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_file
+from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 
 from tinylm.errors import TinylmError
@@ -46,6 +46,8 @@ LOSS_PLOT = "loss.png"
 FINETUNE_CONFIG_FILE = "finetune.yaml"
 FINETUNE_RESULT_FILE = "finetune.json"
 MERGED_MODEL_FOLDER = "model"
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # peft's names for a LoRA adapter
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 HF_CONFIG_FILE = "config.json"
 ENVIRONMENT_FILE = "environment.json"
 DATA_FILE = "data.json"
@@ -186,9 +188,9 @@ def staged_output(
             model.save_pretrained(staging)
     """
     out = Path(out).expanduser()
+    remove_stale_staging(out.parent, out.name)  # first: a killed replacement may have left the old output aside
     check_output(out, kind, overwrite, inputs, option)
-    # The process id in the name keeps two writers apart and tells whose a leftover was.
-    staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    staging = staging_path(out, "tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove(staging)  # left by a killed process that had the same id
@@ -198,7 +200,7 @@ def staged_output(
         replace_output(staging, out)
     except BaseException as error:
         _remove(staging)
-        failure = _write_failure(error, out)
+        failure = write_failure(error, out)
         if failure is not None:
             raise failure from None
         raise
@@ -212,7 +214,7 @@ def replace_output(staging: Path, out: Path) -> None:
     if not staging.is_dir() or not (out.exists() or out.is_symlink()):
         os.replace(staging, out)
         return
-    aside = out.with_name(f".{out.name}.{os.getpid()}.old")
+    aside = staging_path(out, "old")
     _remove(aside)
     os.replace(out, aside)
     try:
@@ -221,6 +223,44 @@ def replace_output(staging: Path, out: Path) -> None:
         os.replace(aside, out)
         raise
     _remove(aside)
+
+
+def staging_path(path: Path, kind: Literal["tmp", "old"]) -> Path:
+    """The hidden path beside `path` where this process stages its new version (tmp) or puts the old one aside
+    (old). The process id in the name keeps two writers apart and tells whose a leftover is."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{kind}")
+
+
+STAGING_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<kind>tmp|old)")
+
+
+def remove_stale_staging(folder: Path, name: str | None = None) -> None:
+    """Clean up what killed tinylm processes left in `folder` (staging paths whose process is gone; only those of
+    `name` when given): a `.tmp` is deleted; an `.old` is the previous output, put aside by a replacement that was
+    killed before the new output took its place, so it goes back to its name when nothing took it, else it goes."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        match = STAGING_NAME.fullmatch(entry.name)
+        if match is None or (name is not None and match["name"] != name) or process_alive(int(match["pid"])):
+            continue
+        original = folder / match["name"]
+        if match["kind"] == "old" and not (original.exists() or original.is_symlink()):
+            os.replace(entry, original)
+        else:
+            _remove(entry)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except OverflowError:  # not a process id at all
+        return False
+    return True
 
 
 def _remove(path: Path) -> None:
@@ -235,11 +275,11 @@ def _remove(path: Path) -> None:
 
 
 @contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
+def replacing(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write; then flush it to the disk and rename it over `path`. On any
     error the temporary file is removed and `path` keeps its old bytes; a failed write becomes a one-line error."""
     path = Path(path)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial = staging_path(path, "tmp")
     try:
         yield partial
         descriptor = os.open(partial, os.O_RDONLY)
@@ -250,13 +290,13 @@ def _replacing(path: Path) -> Iterator[Path]:
         os.replace(partial, path)
     except BaseException as error:
         partial.unlink(missing_ok=True)
-        failure = _write_failure(error, path)
+        failure = write_failure(error, path)
         if failure is not None:
             raise failure from None
         raise
 
 
-def _write_failure(error: BaseException, path: Path) -> TinylmError | None:
+def write_failure(error: BaseException, path: Path) -> TinylmError | None:
     """The one-line error for a write to `path` that failed with `error`, an OSError or safetensors' text form of
     one (its Rust I/O errors arrive as SafetensorError, errno in the message); None for any other error."""
     if isinstance(error, SafetensorError):
@@ -264,6 +304,8 @@ def _write_failure(error: BaseException, path: Path) -> TinylmError | None:
         if code is None:
             return None
         error = OSError(int(code[1]), os.strerror(int(code[1])))
+    if not isinstance(error, OSError) and isinstance(error.__context__, OSError):
+        error = error.__context__  # torch.save's writer reports the OSError of a file object as a RuntimeError
     if not isinstance(error, OSError):
         return None
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -275,7 +317,7 @@ def _write_failure(error: BaseException, path: Path) -> TinylmError | None:
 
 def write_atomically(path: Path, data: str | bytes) -> None:
     """Replace the file at `path` with `data` (text is written as UTF-8), whole or not at all."""
-    with _replacing(path) as partial:
+    with replacing(path) as partial:
         partial.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
@@ -304,9 +346,9 @@ def _read(path: Path, parse, errors: tuple[type[Exception], ...]) -> dict[str, A
         raise TinylmError(f"{path} is missing; give a folder tinylm wrote, or write it again") from None
     except (OSError, UnicodeDecodeError, *errors) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TinylmError(f"cannot read {path} ({reason}); restore the file or write the folder again") from None
+        raise TinylmError(f"cannot read {path} ({reason}); fix or restore the file") from None
     if not isinstance(data, dict):
-        raise TinylmError(f"{path} does not hold a mapping of settings; restore the file or write the folder again")
+        raise TinylmError(f"{path} does not hold a mapping of settings; fix or restore the file")
     return data
 
 
@@ -322,7 +364,7 @@ def write_weights(
 ) -> None:
     """Write `weights` but the names in `skip` (second names of tied matrices: load_weights re-ties them)."""
     tensors = {name: tensor.contiguous() for name, tensor in weights.items() if name not in skip}
-    with _replacing(path) as partial:
+    with replacing(path) as partial:
         save_file(tensors, str(partial), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
 
 
@@ -333,4 +375,30 @@ def tied_names(model: nn.Module) -> set[str]:
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
-    load_model(model, str(path), device=str(next(model.parameters()).device))
+    """Put the weights saved at `path` into `model`; a one-line TinylmError when the file is damaged or holds
+    tensors of other names or shapes than the model's (a config.yaml edited after the weights were written)."""
+    try:
+        load_model(model, str(path), device=str(next(model.parameters()).device))
+    except RuntimeError as error:  # torch's load_state_dict: missing, unexpected or mis-shaped tensors
+        first = str(error).strip().splitlines()[1:2] or [str(error)]
+        raise TinylmError(
+            f"{path} does not fit the model its config describes ({first[0].strip().rstrip('.')}); restore the "
+            f"config or the weights, or write the run again"
+        ) from None
+    except (OSError, SafetensorError) as error:
+        raise _damaged(path, error) from None
+
+
+def read_weights(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a one-line TinylmError when it is missing or damaged."""
+    try:
+        return load_file(str(path), device=device)
+    except (OSError, SafetensorError) as error:
+        raise _damaged(path, error) from None
+
+
+def _damaged(path: Path, error: Exception) -> TinylmError:
+    if isinstance(error, FileNotFoundError) or not Path(path).is_file():
+        return TinylmError(f"{path} is missing; restore it or write the run again")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return TinylmError(f"{path} is damaged or truncated ({reason}); restore it or write the run again")

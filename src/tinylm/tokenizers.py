@@ -326,15 +326,34 @@ def pretrained_tokenizer(spec: str) -> Tokenizer:
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:
+    """The tokenizer saved in `folder` (its TOKENIZER_FILE); a one-line TinylmError naming the file when it is
+    missing or damaged. A file it names is read only from inside `folder`: a run folder is a unit, and a
+    tokenizer file elsewhere would be used (and copied into exports) without anyone knowing."""
     path = folder / TOKENIZER_FILE
     if not path.is_file():
         raise TinylmError(f"no tokenizer in {folder} ({TOKENIZER_FILE} is missing)")
-    saved = json.loads(path.read_text())
+    damaged = f"{path} is damaged; restore it or write the folder again"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise TinylmError(f"{damaged} ({type(error).__name__})") from None
+    if not isinstance(saved, dict):
+        raise TinylmError(damaged)
     spec = saved.get("spec")
     if spec == "char":
+        if not isinstance(saved.get("chars"), str) or sorted(set(saved["chars"])) != list(saved["chars"]):
+            raise TinylmError(f"{damaged} (its characters are not a sorted string)")
         return CharTokenizer(saved["chars"])
     if spec == "gpt2":
         return TiktokenTokenizer()
     if "file" in saved:
-        return HuggingFaceTokenizer(HFTokenizer.from_file(str(folder / saved["file"])), spec)
+        inside = Path(folder).resolve()
+        file = (inside / str(saved["file"])).resolve()
+        if inside not in file.parents:
+            raise TinylmError(f"{path} names {saved['file']!r}, outside {folder}; a tokenizer is read from its folder")
+        try:
+            return HuggingFaceTokenizer(HFTokenizer.from_file(str(file)), str(spec))
+        except Exception as error:  # tokenizers reports a missing or malformed file as a bare Exception
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise TinylmError(f"cannot read {file} ({reason}); restore it or write the folder again") from None
     raise TinylmError(f"{path} holds an unknown tokenizer spec {spec!r}; upgrade tinylm to read it")

@@ -21,6 +21,11 @@ class TokenShards:
     def __len__(self) -> int:
         return sum(len(s) for s in self.shards)
 
+    @property
+    def longest_file(self) -> int:
+        """Tokens in the longest file: the longest window that can be drawn is this long."""
+        return max((len(s) for s in self.shards), default=0)
+
     def sample_batch(
         self, batch_size: int, block_size: int, generator: torch.Generator, rows: slice | None = None
     ) -> tuple[torch.Tensor, ...]:

@@ -30,6 +30,7 @@ from tinylm.data.documents import DocumentSource, open_source
 from tinylm.data.loader import TokenShards
 from tinylm.data.sources import cache_dir
 from tinylm.errors import TinylmError
+from tinylm.runs import process_alive, write_failure
 from tinylm.tokenizers import HF_TOKENIZER_FILE, Tokenizer, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 2
@@ -84,15 +85,18 @@ def prepare(config: DataConfig, force: bool = False) -> PreparedData:
     folder = data_dir / f"{source.name}-{_folder_name(config.tokenizer)}"
     meta_path = folder / META_FILE
     if meta_path.is_file() and not force:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("inputs") == inputs:
-            return PreparedData(folder, meta, load_tokenizer(folder))
+        meta = _read_meta(meta_path)
+        if meta is not None and meta.get("inputs") == inputs:
+            try:
+                return checked_data(folder, meta)
+            except TinylmError as damage:  # prepared data is a cache of the source: make it again
+                tqdm.write(f"tinylm: {damage}; preparing it again")
 
     _remove_abandoned_staging(folder)
     staging = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     try:
+        staging.mkdir(parents=True)
         tokenizer = train_tokenizer(
             config.tokenizer, source.split_documents("train"), held_out_texts=source.split_documents("val", "test")
         )
@@ -120,11 +124,56 @@ def prepare(config: DataConfig, force: bool = False) -> PreparedData:
             "splits": splits,
         }
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        failure = write_failure(error, data_dir)  # a full disk, a folder that cannot be written: one line
+        if failure is not None:
+            raise failure from None
         raise
     shutil.rmtree(folder, ignore_errors=True)  # stale data from other inputs
     os.replace(staging, folder)
+    return PreparedData(folder, meta, tokenizer)
+
+
+def _read_meta(path: Path) -> dict | None:
+    """meta.json as a mapping, or None when it cannot be read (the data is then prepared again)."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+SHARD_NAME = re.compile(r"(train|val|test)_\d{4}\.bin")
+
+
+def checked_data(folder: Path, meta: dict) -> PreparedData:
+    """The prepared data in `folder` once what meta.json says of it holds (cheap checks, no token read): its
+    tokenizer has the recorded fingerprint, each shard is a plain file name inside `folder` whose size is the one its
+    token count gives. A one-line TinylmError naming what is wrong otherwise: a shard cut short by a full disk or an
+    edit would otherwise be trained on as if it were whole."""
+    meta_path = folder / META_FILE
+    try:
+        dtype = DTYPES[meta["dtype"]]
+        fingerprint, splits, shard_tokens = meta["tokenizer"]["fingerprint"], meta["splits"], meta["shard_tokens"]
+        shards = {name: (list(info["files"]), int(info["tokens"])) for name, info in splits.items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise TinylmError(f"{meta_path} is damaged") from None
+    tokenizer = load_tokenizer(folder)
+    if tokenizer.fingerprint() != fingerprint:
+        raise TinylmError(f"the tokenizer in {folder} is not the one {meta_path} records")
+    for name, (files, tokens) in shards.items():
+        if len(files) != -(-tokens // shard_tokens):
+            raise TinylmError(f"{meta_path} lists {len(files)} {name} shards for {tokens:,} tokens: it is damaged")
+        for index, file in enumerate(files):
+            if not isinstance(file, str) or not SHARD_NAME.fullmatch(file):
+                raise TinylmError(f"{meta_path} names a shard {file!r} that tinylm does not write: it is damaged")
+            expected = min(shard_tokens, tokens - index * shard_tokens) * dtype.itemsize
+            path = folder / file
+            size = path.stat().st_size if path.is_file() else None
+            if size != expected:
+                found = "is missing" if size is None else f"holds {size:,} bytes, not {expected:,}"
+                raise TinylmError(f"{path} {found}")
     return PreparedData(folder, meta, tokenizer)
 
 
@@ -166,34 +215,62 @@ def write_shards(
     writers: dict[str, ShardWriter] = {}
     counts: dict[str, dict[str, int]] = {}
     bar = tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc=f"tokenizing {source.name}", disable=None)
-    with bar:
-        batches = _encoded_batches(_batches(source.documents()), tokenizer, folder, dtype, num_proc)
-        for split, batch, (ids, batch_bytes) in batches:
-            if split not in writers:
-                writers[split] = ShardWriter(folder, split, dtype, shard_tokens)
-                counts[split] = {"documents": 0, "bytes": 0, "chars": 0}
-            writers[split].write(ids)
-            counts[split]["documents"] += len(batch)
-            counts[split]["bytes"] += batch_bytes
-            counts[split]["chars"] += sum(len(document) for document in batch)
-            bar.update(batch_bytes)
+    try:
+        with bar:
+            batches = _encoded_batches(_batches(source.documents()), tokenizer, folder, dtype, num_proc)
+            for split, batch, (ids, batch_bytes) in batches:
+                if split not in writers:
+                    writers[split] = ShardWriter(folder, split, dtype, shard_tokens)
+                    counts[split] = {"documents": 0, "bytes": 0, "chars": 0}
+                writers[split].write(ids)
+                counts[split]["documents"] += sum(not isinstance(document, DocumentPiece) for document in batch)
+                counts[split]["bytes"] += batch_bytes
+                counts[split]["chars"] += sum(len(document) for document in batch)
+                bar.update(batch_bytes)
+    except BaseException:
+        for writer in writers.values():  # no file left open (on a full disk: none keeping its space taken)
+            writer.close()
+        raise
     in_order = sorted(writers, key=("train", "val", "test").index)
     return {
         split: {"files": writers[split].close(), "tokens": writers[split].tokens, **counts[split]} for split in in_order
     }
 
 
+class DocumentPiece(str):
+    """A part of a long document that is not its end: no end-of-text token follows its ids."""
+
+
 def _batches(blocks: Iterable[tuple[str, list[str]]]) -> Iterator[tuple[str, list[str]]]:
-    """Documents in batches of about BATCH_CHARS of text, one split per batch, each split's documents in order."""
+    """Documents in batches of about BATCH_CHARS of text, one split per batch, each split's documents in order. A
+    longer document goes in pieces (see `_pieces`), so a file that is one huge line costs what many documents do."""
     pending: dict[str, list[str]] = {}
     chars: dict[str, int] = {}
     for split, block in blocks:
-        pending.setdefault(split, []).extend(block)
-        chars[split] = chars.get(split, 0) + sum(map(len, block))
-        if chars[split] >= BATCH_CHARS:
-            yield split, pending.pop(split)
-            chars[split] = 0
+        for document in block:
+            for piece in _pieces(document) if len(document) > BATCH_CHARS else (document,):
+                pending.setdefault(split, []).append(piece)
+                chars[split] = chars.get(split, 0) + len(piece)
+                if chars[split] >= BATCH_CHARS:
+                    yield split, pending.pop(split)
+                    chars[split] = 0
     yield from ((split, batch) for split, batch in pending.items() if batch)
+
+
+def _pieces(document: str) -> Iterator[str]:
+    """`document` in pieces of at most BATCH_CHARS characters, all but the last a DocumentPiece. Each cut is made
+    before a space that precedes a non-space where there is one: a word boundary, where byte-level BPE (GPT-2's
+    pre-tokenizer, tinylm's bpe) starts a new token anyway, so the ids are those of the whole document."""
+    start = 0
+    while len(document) - start > BATCH_CHARS:
+        end = start + BATCH_CHARS
+        cut = document.rfind(" ", start + 1, end)
+        while cut > start and document[cut + 1].isspace():
+            cut = document.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else end
+        yield DocumentPiece(document[start:cut])
+        start = cut
+    yield document[start:]
 
 
 def _encoded_batches(
@@ -263,9 +340,10 @@ def _encode_documents(documents: list[str], dtype: np.dtype) -> tuple[np.ndarray
     tokenizer = _worker_tokenizer
     end = np.array([tokenizer.end_of_text], dtype=dtype)
     pieces = []
-    for ids in tokenizer.encode_batch(documents):
+    for document, ids in zip(documents, tokenizer.encode_batch(documents)):
         pieces.append(np.asarray(ids, dtype=dtype))
-        pieces.append(end)
+        if not isinstance(document, DocumentPiece):
+            pieces.append(end)
     return np.concatenate(pieces), sum(len(document.encode()) for document in documents)
 
 
@@ -284,7 +362,7 @@ class ShardWriter:
             if self._room == 0:
                 self._next_file()
             part, ids = ids[: self._room], ids[self._room :]
-            part.tofile(self._file)
+            self._file.write(memoryview(part))  # not ndarray.tofile, whose OSError on a full disk has no errno
             self._room -= part.size
             self.tokens += part.size
 
@@ -305,15 +383,5 @@ def _remove_abandoned_staging(folder: Path) -> None:
     """Staging folders left by a prepare that was killed (its process is gone) are deleted, never used."""
     for staging in folder.parent.glob(f"{folder.name}.tmp-*"):
         pid = staging.name.rpartition("-")[2]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import signal
 import threading
@@ -31,7 +32,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -46,6 +46,7 @@ from tqdm.auto import tqdm  # widgets in notebooks, text bars elsewhere
 from tinylm.config import TrainConfig, parse_duration
 from tinylm.errors import TinylmError
 from tinylm.runs import (
+    CHECKPOINTS,
     ENVIRONMENT_FILE,
     KIND_NAMES,
     SAMPLES_FILE,
@@ -54,12 +55,20 @@ from tinylm.runs import (
     check_output,
     output_kind,
     read_json,
+    read_weights,
+    remove_stale_staging,
     staged_output,
     tied_names,
+    write_failure,
     write_json,
     write_weights,
 )
-from tinylm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tinylm.training.checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    latest_whole_checkpoint,
+    save_checkpoint,
+)
 from tinylm.training.distributed import Processes, gradient_sync, parallelize, reshard, start_processes
 from tinylm.training.optim import build_optimizers, build_schedulers
 from tinylm.training.throughput import environment, flops_per_token, peak_flops, peak_memory_gb
@@ -169,6 +178,11 @@ class Task(ABC):
         """The settings tracked with the metrics (TensorBoard, W&B)."""
         return {"train": vars(self.train)}
 
+    def fixed_settings(self) -> dict[str, Any]:
+        """The settings a resumed run must share with its checkpoints (the model, the data; JSON values): each
+        checkpoint records them and --resume refuses a run whose config no longer has them."""
+        return {}
+
 
 @dataclass
 class TrainResult:
@@ -201,6 +215,11 @@ def run_task(task: Task, overwrite: bool = False, resume: bool = False) -> Train
             return engine.run()
         finally:
             engine.tracker.close()
+    except OSError as error:  # an append to metrics.jsonl or samples.txt on a full disk, ...: one line, not a trace
+        failure = write_failure(error, task.out)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         processes.close()
 
@@ -216,10 +235,13 @@ class Engine:
         self.task, self.processes, self.out, t = task, processes, task.out, task.train
         self.device = device = processes.device
         check_honoured(task)
-        if resume and latest_checkpoint(self.out) is None:
-            raise TinylmError(f"{self.out} has no checkpoint to resume from; start it again with --overwrite")
+        for folder, name in ((self.out.parent, self.out.name), (self.out, None), (self.out / CHECKPOINTS, None)):
+            processes.run_on_main(lambda folder=folder, name=name: remove_stale_staging(folder, name))
         if not resume:  # fail before any work when the output folder cannot be claimed; nothing is written yet
             processes.run_on_main(lambda: self._check_output(overwrite))
+        # Resuming, the checkpoint to go on from is read and checked against the config before any work (setup may
+        # prepare data, which must not happen for a data config edited since).
+        checkpoint = self._checkpoint_to_resume() if resume else None
         if t.batch_size % processes.world_size:
             raise TinylmError(
                 f"train.batch_size ({t.batch_size}) must be a multiple of the number of processes "
@@ -276,6 +298,8 @@ class Engine:
 
         self.step = 0
         self.batches_drawn = 0
+        self.saved_step: int | None = None
+        """The step whose state this session last saved or restored: saving it again would add nothing."""
         self.tokens_since_log = 0
         self.best: dict[str, float] | None = None
         self.start_scores: dict[str, float] | None = None
@@ -285,19 +309,51 @@ class Engine:
         self.elapsed_before = 0.0  # training time of the sessions before a resume
         self.elapsed_s = 0.0
         self.start = time.perf_counter()
-        if resume:
-            checkpoint_path = latest_checkpoint(self.out)
-            self.restore(checkpoint_path)
+        if checkpoint is not None:
+            resumed_from = checkpoint.path.name
+            self._check_fixed_settings(checkpoint, resolved=True)
+            self.restore(checkpoint)
+            del checkpoint  # its tensors map the checkpoint's files: hold them no longer than needed
+            self.tracker = Tracker(self.out, t.log, task.config_record(), self.step, processes.is_main)
+            # Only now, with the state restored and metrics.jsonl read, may the run's files be rewritten (config.yaml
+            # keeps the old run's until then: a resume that fails changes nothing).
             processes.run_on_main(lambda: task.write_files(self.out))
-            self.say(f"tinylm: resumed {self.out} from {checkpoint_path.name}")
+            self.say(f"tinylm: resumed {self.out} from {resumed_from}")
         else:
             processes.run_on_main(lambda: self._claim(overwrite))
+            self.tracker = Tracker(self.out, t.log, task.config_record(), None, processes.is_main)
         processes.run_on_main(self._record_environment)
-        self.tracker = Tracker(self.out, t.log, task.config_record(), self.step if resume else None, processes.is_main)
         self.say(
             f"tinylm: {task.describe(model)} on {processes.world_size} x {device}, {self.precision_name}, "
             f"{t.batch_size} rows per step in micro-batches of {self.micro_batch_size}"
         )
+
+    def _checkpoint_to_resume(self) -> Checkpoint:
+        """The newest checkpoint that loads (saying which damaged ones it passes over), once the settings it was
+        trained with are found unchanged."""
+        checkpoint, damaged = latest_whole_checkpoint(self.out)
+        for reason in damaged:
+            self.say(f"tinylm: skipping a damaged checkpoint: {reason}")
+        self._check_fixed_settings(checkpoint, resolved=False)
+        return checkpoint
+
+    def _check_fixed_settings(self, checkpoint: Checkpoint, resolved: bool) -> None:
+        """Refuse to resume when a setting the checkpoint was trained with has changed since (config.yaml edited by
+        hand): the weights would be trained on as another model or other data without a word. Before the task's
+        setup (`resolved` False) a null is not compared: it may stand for a value setup derives (model.vocab_size
+        from the tokenizer), compared once it is."""
+        saved = checkpoint.info.get("fixed")
+        if saved is None:  # a checkpoint of a tinylm that did not record them
+            return
+        saved = _flat(saved)
+        now = _flat(json.loads(json.dumps(self.task.fixed_settings())))  # as state.json holds them: lists, not tuples
+        for key in sorted(saved.keys() | now.keys()):
+            was, is_now = saved.get(key), now.get(key)
+            if was != is_now and (resolved or is_now is not None):
+                raise TinylmError(
+                    f"{key} is {is_now!r} now but {checkpoint.path.name} was trained with {was!r}; --resume continues "
+                    f"the same run: put {key} back to {was!r} (start a new run with another --out to change it)"
+                )
 
     def _check_output(self, overwrite: bool) -> None:
         check_output(self.out, self.task.kind, overwrite=True)  # never anything but an output of the task's kind
@@ -452,7 +508,6 @@ class Engine:
 
     def roll_back(self, loss: float) -> None:
         """A NaN or infinite loss: stop, or (on_nan skip) go back to the last checkpoint and go on with new batches."""
-        checkpoint_path = latest_checkpoint(self.out)
         if self.task.train.on_nan == "stop" or self.rollbacks >= MAX_ROLLBACKS:
             tried = f" (after {self.rollbacks} rollbacks)" if self.rollbacks else ""
             raise TinylmError(
@@ -461,13 +516,15 @@ class Engine:
                 "checkpoint and continue past those batches"
             )
         batches_now, drawn = self.batch_generator.get_state(), self.batches_drawn
-        self.restore(checkpoint_path)
+        # The newest state at or before this step (a resumed run may hold damaged or abandoned later ones).
+        checkpoint, _ = latest_whole_checkpoint(self.out, at_most=self.step)
+        self.restore(checkpoint)
         self.batch_generator.set_state(batches_now)  # skip the batches that led to the NaN
         self.batches_drawn = drawn
         self.rollbacks += 1
         self.tracker.rewind(self.step)
         self.tracker.log({"step": self.step, "rolled_back_to": self.step, "bad_loss": str(loss)})
-        self.say(f"loss {loss} after step {self.step}: back to {checkpoint_path.name}, continuing with new batches")
+        self.say(f"loss {loss} after step {self.step}: back to {checkpoint.path.name}, continuing with new batches")
 
     def _log_progress(self, loss: float, lr: float, grad_norm: float) -> None:
         now = time.perf_counter()
@@ -532,6 +589,9 @@ class Engine:
 
     def save_checkpoint(self) -> Path | None:
         """Gather the whole training state (every process takes part) and write it from rank 0."""
+        if self.saved_step == self.step:  # Ctrl-C right after an evaluation: nothing new to save
+            return latest_checkpoint(self.out)
+        self.saved_step = self.step
         weights = get_model_state_dict(self.model, options=self.whole_on_cpu)
         optimizers = [get_optimizer_state_dict(self.model, o, options=self.whole_on_cpu) for o in self.optimizers]
         rng = self.processes.gather(_rng_state(self.device))
@@ -551,14 +611,23 @@ class Engine:
             "elapsed_s": self.elapsed_before + time.perf_counter() - self.start,
             "world_size": self.processes.world_size,
             "start_scores": self.start_scores,
+            "fixed": self.task.fixed_settings(),
         }
         keep = self.task.train.keep_checkpoints
         return save_checkpoint(self.out, self.step, weights, tied_names(self.model), trainer_state, info, keep)
 
-    def restore(self, path: Path) -> None:
-        """Put the model, optimizers, schedule, scaler, RNGs, data position and counters back as `path` saved them."""
-        weights, state, info = load_checkpoint(path)
-        set_model_state_dict(self.model, weights, options=self.whole)
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Put the model, optimizers, schedule, scaler, RNGs, data position and counters back as `checkpoint` saved
+        them."""
+        weights, state, info = checkpoint.weights, checkpoint.trainer_state, checkpoint.info
+        try:
+            set_model_state_dict(self.model, weights, options=self.whole)
+        except (RuntimeError, KeyError, ValueError) as error:  # torch's words for tensors of other names or shapes
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise TinylmError(
+                f"{checkpoint.path} does not fit the model this run builds ({reason[:200]}); restore the run's config "
+                "or start it again with --overwrite"
+            ) from None
         for optimizer, saved in zip(self.optimizers, state["optimizers"]):
             set_optimizer_state_dict(self.model, optimizer, saved, options=self.whole)
         for scheduler, saved in zip(self.schedulers, state["schedulers"]):
@@ -570,7 +639,7 @@ class Engine:
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.batch_generator.set_state(state["batch_rng"])
-        self.step = info["step"]
+        self.step = self.saved_step = info["step"]
         self.batches_drawn = info["batches_drawn"]
         self.best = info["best"]
         self.evals_without_improvement = info["evals_without_improvement"]
@@ -578,7 +647,7 @@ class Engine:
         self.start_scores = info["start_scores"]
 
     def best_weights(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.out / self.task.best_weights_file), device=str(self.device))
+        return read_weights(self.out / self.task.best_weights_file, device=str(self.device))
 
     def _any_process(self, flag: bool) -> bool:
         """Whether `flag` holds on any process: every process stops at the same step."""
@@ -634,6 +703,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"dropout": 0.1}} -> {"model.dropout": 0.1}."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _scores_text(scores: dict[str, float]) -> str:

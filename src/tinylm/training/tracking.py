@@ -33,7 +33,7 @@ class Tracker:
             return
         self.metrics_file, self.metrics = run_dir / METRICS_FILE, None
         if resume_step is not None and self.metrics_file.is_file():
-            self.records = [json.loads(line) for line in self.metrics_file.read_text().splitlines()]
+            self.records = read_records(self.metrics_file)
         self.rewind(resume_step or 0)
         if backend == "tensorboard":
             try:
@@ -120,3 +120,21 @@ class Tracker:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl. A last line cut short (the process was killed as it wrote it) is dropped: it
+    came after the last checkpoint, which the run goes back to anyway. Any other damage is a one-line error."""
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            if number == len(lines):
+                break
+            raise TinylmError(f"{path}:{number} is not a metrics record; delete that line (or the file) and resume")
+        records.append(record)
+    return records

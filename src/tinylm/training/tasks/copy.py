@@ -54,6 +54,10 @@ class CopyTraining(Task):
     def write_files(self, folder: Path) -> None:
         write_yaml(folder / CONFIG_FILE, self.config.to_dict())
 
+    def fixed_settings(self) -> dict[str, Any]:
+        settings = self.config.to_dict()
+        return {"model": settings["model"], "task": settings["task"]}
+
     def describe(self, model: nn.Module) -> str:
         return (
             f"{count_parameters(model)['total']:,} parameters, {self.config.task.kind} task, "

@@ -56,6 +56,7 @@ class Pretraining(Task):
             )
         self.config = config = replace(config, model=replace(config.model, vocab_size=vocab_size))
         self.splits: dict[str, TokenShards] = {name: data.split(name) for name in ("train", "val")}
+        window = config.model.block_size + 1
         block_size, seed, end = config.model.block_size, self.train.seed, self.tokenizer.end_of_text
         self.packed = None
         if config.data.packing == "bos":  # the val rows packed with their own seed, like the random eval batches
@@ -63,11 +64,15 @@ class Pretraining(Task):
                 name: PackedRows(split, end, block_size, seed + (name == "val")) for name, split in self.splits.items()
             }
         for name, split in self.splits.items():
-            if len(split) <= config.model.block_size:
+            if len(split) < window:
                 raise TinylmError(
                     f"the {name} split has {len(split)} tokens, fewer than one context window "
-                    f"(model.block_size + 1 = {config.model.block_size + 1}); give more text or lower "
-                    "model.block_size"
+                    f"(model.block_size + 1 = {window}); give more text or lower model.block_size"
+                )
+            if split.longest_file < window:  # a window never crosses the end of a shard
+                raise TinylmError(
+                    f"the {name} split's shards hold at most {split.longest_file} tokens each, fewer than one context "
+                    f"window (model.block_size + 1 = {window}); raise data.shard_tokens or lower model.block_size"
                 )
         self.prompt = encode_prompt(self.tokenizer, config.sample.prompt, "sample.prompt")  # fail before training
         model = build_model(config.model)  # before the teacher, whose loading must not change the student's init

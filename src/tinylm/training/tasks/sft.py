@@ -118,6 +118,9 @@ class InstructionTuning(Task):
     def write_files(self, folder: Path) -> None:
         write_yaml(folder / FINETUNE_CONFIG_FILE, asdict(self.config))
 
+    def fixed_settings(self) -> dict[str, Any]:
+        return {key: value for key, value in asdict(self.config).items() if key not in ("train", "out")}
+
     def describe(self, model: nn.Module) -> str:
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return (
@@ -251,6 +254,8 @@ def check_same_fine_tune(out: Path, config: FinetuneConfig) -> None:
     if not saved_file.is_file():
         raise TinylmError(f"nothing to resume in {out}: it holds no {FINETUNE_CONFIG_FILE}; run without --resume")
     saved, given = read_yaml(saved_file), asdict(config)
+    if not isinstance(saved.get("train"), dict):
+        raise TinylmError(f"{saved_file} has no train section: it is damaged; restore it or fine-tune again")
     saved["train"]["max_steps"] = given["train"]["max_steps"]
     changed = [key for key in given if given[key] != saved.get(key)]
     if changed:
