@@ -140,6 +140,10 @@ class Pretraining(Task):
     def config_record(self) -> dict[str, Any]:
         return self.config.to_dict()
 
+    def fixed_settings(self) -> dict[str, Any]:
+        settings = self.config.to_dict()
+        return {"model": settings["model"], "data": settings["data"]}
+
 
 # Texts a student and its teacher must split into the same ids: plain words, spacing, digits, Unicode.
 TOKENIZER_PROBES = ("Once upon a time, there was a little girl named Lily.", "  x = 42;\n\tok", "café, 東京 and 🙂")
