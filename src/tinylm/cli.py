@@ -441,8 +441,7 @@ def run_benchmarks(args) -> int:
     result = benchmark(args.model, tasks, args.num_fewshot, args.limit, args.batch_size, args.include_path)
     saved = save_benchmarks(result, args.model, args.out)
     print(json.dumps(result.record()) if args.json else result.table())
-    where = f"saved in {saved}" if saved else "not saved: MODEL is not a run folder; give --out DIR to keep them"
-    print(f"benchmark scores {where}", file=sys.stderr)
+    say_where_saved("benchmark scores", saved)
     return 0
 
 
@@ -461,9 +460,14 @@ def run_stories(args) -> int:
     )
     saved = save_stories(result, args.model, args.out)
     print(json.dumps(result.record()) if args.json else result.summary())
-    where = f"saved in {saved}" if saved else "not saved: MODEL is not a run folder; give --out DIR to keep them"
-    print(f"stories and scores {where}", file=sys.stderr)
+    say_where_saved("stories and scores", saved)
     return 0
+
+
+def say_where_saved(what: str, saved) -> None:
+    """On stderr, so that --json output stays one object: where an evaluation's results went, or why nowhere."""
+    where = f"saved in {saved}" if saved else "not saved: MODEL is not a run folder; give --out DIR to keep them"
+    print(f"{what} {where}", file=sys.stderr)
 
 
 def run_serve(args) -> int:
