@@ -43,6 +43,20 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
+def transformers_greedy(model, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    """Exactly `new_tokens` greedy tokens from transformers' `generate` (no early stop), as ids."""
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
@@ -72,16 +86,7 @@ def main() -> None:
         assert torch.allclose(twin(ids).logits, model(ids)[0], atol=1e-4), "the transformers twin computes otherwise"
 
     def transformers_decode() -> list[int]:
-        with torch.no_grad():
-            out = twin.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        return out[0, len(prompt) :].tolist()
+        return transformers_greedy(twin, ids, args.new_tokens)
 
     transformers_decode()
     # Alternating rounds, so a slow spell of the machine hits both alike; each ratio is of the same round.

@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the node-llama-cpp driver the tests use
 
+from decode import transformers_greedy  # noqa: E402  (bench/, the script's folder)
 from llama_cpp import missing, run_llama_cpp  # noqa: E402
 
 import tinylm  # noqa: E402
@@ -139,18 +140,8 @@ def main() -> None:
                 lambda run=run: list(generate_tokens(run.model, [prompt], sampling)), args.new_tokens, args.rounds
             )
 
-        def transformers_decode() -> None:
-            with torch.no_grad():
-                hf.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=args.new_tokens,
-                    min_new_tokens=args.new_tokens,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
-
-        speed["transformers"][threads] = tokens_per_second(transformers_decode, args.new_tokens, args.rounds)
+        decode = lambda: transformers_greedy(hf, ids, args.new_tokens)  # noqa: E731
+        speed["transformers"][threads] = tokens_per_second(decode, args.new_tokens, args.rounds)
         for kind in ("f32", "q8_0"):
             job = {
                 "model": ggufs[kind],
