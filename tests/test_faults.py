@@ -170,7 +170,7 @@ def test_a_full_disk_ends_in_one_line_and_leaves_nothing_behind(inputs, tmp_path
         "finetune": [
             *("finetune", "--base", str(run), "--data", str(inputs["instructions"]), "--out", str(disk / "ft")),
             *("--held-out-examples", "4", "--max-length", "96", "--train.max-steps", "2", "--train.device", "cpu"),
-            *("--method", "full"),
+            *("--weights", "full"),
         ],
     }[command]
     before = tree_hashes(tmp_path / "run")

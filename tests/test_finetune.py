@@ -249,11 +249,11 @@ def tinylm_run(tmp_path_factory):
     return tinylm.train(tinylm.load_config(None, overrides)).run_dir
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_tinylm_run_fine_tuned_with_lora_and_in_full(tinylm_run, capitals_file, tmp_path, method):
-    out = tmp_path / method
-    config = lora_config(tinylm_run, capitals_file, out, method=method, merge=True)
-    if method == "full":  # also with activation checkpointing, which must not change what is learned
+@pytest.mark.parametrize("weights", ["lora", "full"])
+def test_tinylm_run_fine_tuned_with_lora_and_in_full(tinylm_run, capitals_file, tmp_path, weights):
+    out = tmp_path / weights
+    config = lora_config(tinylm_run, capitals_file, out, weights=weights, merge=True)
+    if weights == "full":  # also with activation checkpointing, which must not change what is learned
         train = dataclasses.replace(config.train, learning_rate=3e-3, activation_checkpointing=True)
         config = dataclasses.replace(config, train=train)
     result = finetune(config)
@@ -263,7 +263,7 @@ def test_tinylm_run_fine_tuned_with_lora_and_in_full(tinylm_run, capitals_file, 
     messages = [{"role": "user", "content": "Write the word in capitals.\n\nriver"}]
     from_run = run.reply(messages, max_new_tokens=6, temperature=0)
     assert tinylm.load(out).reply(messages, max_new_tokens=6, temperature=0) == from_run
-    if method == "lora":
+    if weights == "lora":
         from peft import PeftModel
 
         tokens = torch.randint(0, 300, (1, 20))

@@ -226,8 +226,8 @@ def finetune_parser() -> ArgumentParser:
     )
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of these options.")
     parser.add_class_arguments(FinetuneConfig, None, as_group=False)
-    parser.add_argument("--lora", action="store_true", help="Train LoRA adapters (the default; --method lora).")
-    parser.add_argument("--full", action="store_true", help="Train every weight (--method full).")
+    parser.add_argument("--lora", action="store_true", help="Train LoRA adapters (the default; --weights lora).")
+    parser.add_argument("--full", action="store_true", help="Train every weight (--weights full).")
     parser.add_argument("--overwrite", action="store_true", help="Replace the fine-tune already in the --out folder.")
     parser.add_argument("--resume", action="store_true", help="Continue the fine-tune in --out from its checkpoint.")
     return parser
@@ -566,7 +566,7 @@ def run_finetune(args: list[str]) -> int:
     if lora and full:
         raise TinylmError("--lora and --full exclude each other; choose one")
     if full:
-        values["method"] = "full"
+        values["weights"] = "full"
     config = FinetuneConfig(**{**values, "train": TrainConfig(**values["train"])})
     result = finetune(config, overwrite=overwrite, resume=resume)
     accuracy = ""

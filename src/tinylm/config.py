@@ -367,7 +367,7 @@ def finetune_train_defaults() -> TrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    """A fine-tuning run: the base model, the data, the method and the training schedule."""
+    """A fine-tuning run: the base model, the data, what is learned, which weights, and the training schedule."""
 
     base: str
     """A Hugging Face model name or folder, a .gguf file, a tinylm run folder, or smollm2-135m-instruct."""
@@ -375,7 +375,10 @@ class FinetuneConfig:
     """Instruction data: gsm8k, alpaca, or a .jsonl/.json file of Alpaca-form or chat-form examples."""
     out: str = "out/finetune"
     """Folder for the adapter, the merged model, metrics and checkpoints."""
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["sft", "dpo", "grpo"] = "sft"
+    """What is learned: `sft` the responses of instruction data; `dpo` to prefer the chosen over the rejected response
+    of preference pairs; `grpo` answers that a reward function scores (reinforcement learning)."""
+    weights: Literal["lora", "full"] = "lora"
     """`lora`: train small low-rank adapters beside frozen weights; `full`: train every weight."""
     lora_r: int = 8
     """Rank of each LoRA adapter."""

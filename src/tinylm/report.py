@@ -88,7 +88,7 @@ class RunRecord:
             figures["data tokens"] = self.data_tokens()
         else:
             figures["base"] = str(self.config.get("base"))
-            figures["method"] = str(self.config.get("method"))
+            figures["method"] = f"{self.config.get('method', 'sft')}, {self.config.get('weights', 'lora')} weights"
             figures["data"] = str(self.config.get("data"))
             if self.finetune:
                 figures["parameters trained"] = f"{self.finetune.get('trainable_parameters', 0):,}"

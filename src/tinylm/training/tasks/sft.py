@@ -125,7 +125,7 @@ class InstructionTuning(Task):
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return (
             f"fine-tuning {trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters "
-            f"({self.config.method}), {len(self.train_set)} training rows, {len(self.held_out)} held out,"
+            f"({self.config.weights}), {len(self.train_set)} training rows, {len(self.held_out)} held out,"
         )
 
     @property
@@ -208,7 +208,12 @@ class InstructionTuning(Task):
         # A local base is recorded by its absolute path: the adapter is loaded onto it from wherever tinylm runs next.
         base_path = Path(self.config.base).expanduser()
         recorded_base = str(base_path.resolve()) if base_path.exists() else self.config.base
-        record = {"base": recorded_base, "kind": self.base.kind, "method": self.config.method}
+        record = {
+            "base": recorded_base,
+            "kind": self.base.kind,
+            "method": self.config.method,
+            "weights": self.config.weights,
+        }
         write_json(
             self.out / FINETUNE_RESULT_FILE, {**record, "out": str(self.out), "steps": result.steps, **result.details}
         )
@@ -240,7 +245,7 @@ def check_finetune_config(config: FinetuneConfig) -> None:
     for key in ("lora_r", "max_length", "held_out_examples"):
         if getattr(config, key) < 1:
             raise TinylmError(f"--{key.replace('_', '-')} must be at least 1, not {getattr(config, key)}")
-    if config.method == "full" and config.bits is not None:
+    if config.weights == "full" and config.bits is not None:
         raise TinylmError("--bits trains LoRA adapters on quantized weights; drop --full or --bits")
     if config.merge and config.bits is not None:
         raise TinylmError("--merge cannot fold an adapter into 4/8-bit weights; drop --merge and load base + adapter")
@@ -254,6 +259,8 @@ def check_same_fine_tune(out: Path, config: FinetuneConfig) -> None:
     if not saved_file.is_file():
         raise TinylmError(f"nothing to resume in {out}: it holds no {FINETUNE_CONFIG_FILE}; run without --resume")
     saved, given = read_yaml(saved_file), asdict(config)
+    if saved.get("method") in ("lora", "full"):  # saved before `weights` was split off `method`
+        saved["weights"], saved["method"] = saved["method"], "sft"
     if not isinstance(saved.get("train"), dict):
         raise TinylmError(f"{saved_file} has no train section: it is damaged; restore it or fine-tune again")
     saved["train"]["max_steps"] = given["train"]["max_steps"]
@@ -270,7 +277,7 @@ def attach_trainable(base: Pretrained, config: FinetuneConfig) -> nn.Module:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif checkpointing:
         checkpoint_blocks(model)
-    if config.method == "full":
+    if config.weights == "full":
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -309,15 +316,15 @@ def save_outputs(out: Path, config: FinetuneConfig, base: Pretrained, trained: n
     staging = out / ".outputs.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    if config.method == "lora":
+    if config.weights == "lora":
         trained.save_pretrained(str(staging))
         (staging / "README.md").unlink(missing_ok=True)  # peft's empty model card
     base.tokenizer.save(staging)
     for file in staging.iterdir():
         os.replace(file, out / file.name)
     staging.rmdir()
-    if config.method == "full" or config.merge:
-        model = trained.merge_and_unload() if config.method == "lora" else trained
+    if config.weights == "full" or config.merge:
+        model = trained.merge_and_unload() if config.weights == "lora" else trained
         save_model_folder(out / MERGED_MODEL_FOLDER, base, model)
 
 
