@@ -52,7 +52,7 @@ from tinylm.runs import (
     write_yaml,
 )
 from tinylm.training.distributed import Processes, reshard
-from tinylm.training.engine import Batch, Engine, Forward, Task, TrainResult, checkpoint_blocks, run_task
+from tinylm.training.engine import Batch, Engine, Forward, Task, TrainResult, checkpoint_blocks
 
 
 @dataclass
@@ -70,12 +70,6 @@ class FinetuneResult:
     """Share of held-out examples answered right (greedy) before training; None when the data has no final answers."""
     answer_accuracy_after: float | None = None
     """The same for the weights kept."""
-
-
-def finetune(config: FinetuneConfig, overwrite: bool = False, resume: bool = False) -> FinetuneResult:
-    """Fine-tune `config.base` on `config.data` and write `config.out` (see the module docstring)."""
-    result = run_task(InstructionTuning(config, resume), overwrite, resume)
-    return FinetuneResult(result.run_dir, result.steps, **result.details)
 
 
 class InstructionTuning(Task):
@@ -97,23 +91,33 @@ class InstructionTuning(Task):
             check_same_fine_tune(self.out, config)
 
     def setup(self, processes: Processes) -> nn.Module:
+        data = load_instructions(self.config.data, self.config.held_out_examples, self.config.max_examples)
+        lm = self.load_base(processes)  # after the data: a bad example is found before a big model loads
+        tokenizer, pad_id = self.base.tokenizer, self.base.tokenizer.pad_id
+        encode = (tokenizer.render, tokenizer.encode)
+        self.train_set = TokenizedExamples(data.train, *encode, self.max_length, self.config.pack, pad_id)
+        self.held_out = TokenizedExamples(data.held_out, *encode, self.max_length, pad_id=pad_id)
+        self.find_answers(data.held_out)
+        return lm
+
+    def load_base(self, processes: Processes) -> nn.Module:
+        """The base model with what is trained made trainable (self.base, self.trainable), as the model interface."""
         config, device = self.config, processes.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        data = load_instructions(config.data, config.held_out_examples, config.max_examples)
+        self.processes = processes
         self.base = load_pretrained(config.base, device, config.bits)
         self.trainable = attach_trainable(self.base, config)
         lm = HuggingFaceLM(self.trainable) if self.base.kind == "hf" else self.trainable
-        tokenizer = self.base.tokenizer
-        max_length = min(config.max_length, lm.config.block_size)
-        encode = (tokenizer.render, tokenizer.encode)
-        self.train_set = TokenizedExamples(data.train, *encode, max_length, config.pack, tokenizer.pad_id)
-        self.held_out = TokenizedExamples(data.held_out, *encode, max_length, pad_id=tokenizer.pad_id)
-        self.answered = answered_prompts(data.held_out, tokenizer, max_length)
-        longest = max((len(tokenizer.encode(response)) for _, _, response in self.answered), default=0)
-        self.answer_tokens = min(longest + ANSWER_MARGIN_TOKENS, max_length)
-        self.processes = processes
+        self.max_length = min(config.max_length, lm.config.block_size)
         return lm
+
+    def find_answers(self, held_out: list[Messages]) -> None:
+        """The held-out conversations whose response carries a final answer, for answer_accuracy."""
+        tokenizer = self.base.tokenizer
+        self.answered = answered_prompts(held_out, tokenizer, self.max_length)
+        longest = max((len(tokenizer.encode(response)) for _, _, response in self.answered), default=0)
+        self.answer_tokens = min(longest + ANSWER_MARGIN_TOKENS, self.max_length)
 
     def write_files(self, folder: Path) -> None:
         write_yaml(folder / FINETUNE_CONFIG_FILE, asdict(self.config))
