@@ -17,6 +17,7 @@ import torch
 from conftest import REPO, run_cli, untrained_run
 
 import tinylm
+from tinylm.runs import CONFIG_FILE, read_yaml, write_yaml
 from tinylm.tokenizers import CharTokenizer
 
 openai = pytest.importorskip("openai")
@@ -396,7 +397,7 @@ def test_requests_beyond_the_concurrency_limit_get_429_and_health_stays_responsi
 
 def test_the_playground_page_is_served_without_anything_from_elsewhere(server):
     page = httpx.get(server.url + "/").text
-    assert "<textarea" in page and "/v1/completions" in page
+    assert "<textarea" in page and "/v1/completions" in page and "/v1/chat/completions" in page
     assert "http://" not in page and "https://" not in page
 
 
@@ -447,6 +448,23 @@ class Chromium:
     def evaluate(self, expression: str):
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
+    def wait_for(self, expression: str, seconds: float = 30):
+        """The value of `expression` once it is truthy, looked at every 20 ms."""
+        deadline = time.monotonic() + seconds
+        while not (value := self.evaluate(expression)):
+            if time.monotonic() > deadline:
+                pytest.fail(f"never true: {expression}; the page: {self.evaluate('document.body.innerText')}")
+            time.sleep(0.02)
+        return value
+
+    def type(self, text: str) -> None:
+        """Keys typed into the element that has the focus, as a person does."""
+        self.call("Input.insertText", text=text)
+
+    def press_enter(self) -> None:
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
+
     def close(self) -> None:
         self.process.kill()
         self.process.wait()
@@ -468,13 +486,11 @@ def test_the_playground_streams_a_completion_in_a_headless_browser(run, tmp_path
         browser = Chromium(tmp_path / "profile")
         try:
             browser.open(server.url + "/")
-            deadline = time.monotonic() + 60
             # Without the key typed in, the page cannot learn the model's name: it says that it needs the key.
             shown = "API key" if key else "story"
-            while shown not in (browser.evaluate("document.getElementById('model').textContent") or ""):
-                assert time.monotonic() < deadline, f"the page never showed '{shown}' as the model"
-                time.sleep(0.1)
-            assert browser.evaluate("document.getElementById('key_label').hidden") == (key is None)
+            browser.wait_for(f"document.getElementById('model').textContent.includes('{shown}')")
+            key_field_hidden = "getComputedStyle(document.getElementById('key_label')).display === 'none'"
+            assert browser.evaluate(key_field_hidden) == (key is None)
             browser.evaluate(
                 f"document.getElementById('api_key').value = {json.dumps(key or '')};"
                 "document.getElementById('prompt').value = 'All:';"
@@ -482,11 +498,108 @@ def test_the_playground_streams_a_completion_in_a_headless_browser(run, tmp_path
                 "document.getElementById('max_tokens').value = '30';"
                 "document.getElementById('generate').click();"
             )
-            while not browser.evaluate("document.getElementById('status').textContent").startswith("done"):
-                assert time.monotonic() < deadline, f"no end of stream: {browser.evaluate('document.body.innerText')}"
-                time.sleep(0.02)
+            browser.wait_for("document.getElementById('status').textContent.startsWith('done')")
             assert browser.evaluate("document.getElementById('completion').textContent") == expected
             assert browser.evaluate("document.getElementById('status').textContent") == "done (length)"
+        finally:
+            browser.close()
+
+
+RECORD_REQUESTS = """
+window.sent = [];
+const send = window.fetch;
+window.fetch = (url, options) => {
+  if (options && options.body) sent.push(JSON.parse(options.body));
+  return send(url, options);
+};
+"""
+"""Keeps the body of every request the page sends, in `sent`; the requests go out unchanged."""
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Chromium for the browser test: apt-get install -y chromium")
+def test_the_playground_chats_in_a_headless_browser(tmp_path):
+    """A conversation in a real browser, with an API key: the page opened at /#chat, a system prompt and a message
+    typed, Enter (an error until the key is typed in, then Regenerate). The reply streams in, growing, until Stop ends
+    it; it keeps its text and goes with the next message, after the first. Regenerate asks again in place of the last
+    reply; Clear empties the conversation. Each reply the page shows is the API's answer to the request the page sent,
+    as plain text (the printable vocabulary writes '<' and '&', and a message's <b> stays text)."""
+    tokenizer = CharTokenizer.train([string.printable])
+    folder = untrained_run(tmp_path / "story", tokenizer=tokenizer)
+    config = read_yaml(folder / CONFIG_FILE)
+    # A reply that only Stop ends: the run's sample settings ban the end of text, and the page sends them along.
+    config["sample"]["logit_bias"] = {tokenizer.end_of_text: -100}
+    write_yaml(folder / CONFIG_FILE, config)
+    run = tinylm.load(folder, device="cpu")
+    limits = ServeLimits(max_tokens=100_000, max_batch_tokens=200_000)
+    with Server(create_app(run, limits, api_key="sekrit")) as server:
+
+        def answer(body: dict) -> str:
+            """The API's reply to a request the page sent, asked again without streaming."""
+            headers = {"Authorization": "Bearer sekrit"}
+            response = httpx.post(f"{server.url}/v1/chat/completions", json=body | {"stream": False}, headers=headers)
+            return response.json()["choices"][0]["message"]["content"]
+
+        def set_fields(**values) -> None:
+            browser.evaluate("".join(f"document.getElementById('{name}').value = {json.dumps(value)};"
+                                     for name, value in values.items()))  # fmt: skip
+
+        def send(message: str) -> None:
+            browser.evaluate("document.getElementById('message').focus()")
+            browser.type(message)
+            browser.press_enter()
+
+        turns = "[...document.querySelectorAll('#conversation li')].map((li) => [li.dataset.role, li.textContent])"
+        status = "document.getElementById('status').textContent"
+        reply_length = "document.querySelector('#conversation li:nth-child(2)')?.textContent.length"
+        browser = Chromium(tmp_path / "profile")
+        try:
+            browser.open(server.url + "/#chat")
+            browser.wait_for("document.body.classList.contains('chat')")
+            browser.evaluate(RECORD_REQUESTS)
+            set_fields(system="Be brief.", max_tokens="100000")
+            send("Hi")  # before the key is typed in: the error is shown, and the message waits for an answer
+            browser.wait_for(f"{status}.startsWith('error: this server needs an API key')")
+            assert browser.evaluate(turns) == [["user", "Hi"]]
+            set_fields(api_key="sekrit")
+            browser.evaluate("document.getElementById('regenerate').click()")
+            first = browser.wait_for(reply_length)
+            browser.wait_for(f"{reply_length} > {first} && {status} === 'generating…'")  # still coming, token by token
+            browser.evaluate("document.getElementById('stop').click()")
+            browser.wait_for(f"{status} === 'stopped'")
+            stopped = browser.evaluate(turns)[1][1]
+            time.sleep(0.3)  # long enough for a few more tokens, had the stream gone on
+            assert browser.evaluate(turns) == [["user", "Hi"], ["assistant", stopped]]
+            assert browser.evaluate("sent[0].messages") == [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+            ]
+            assert browser.evaluate("document.getElementById('model').textContent") == "model: story"
+
+            set_fields(max_tokens="12", temperature="0")
+            send("<b>And</b> then?")
+            browser.wait_for(f"sent.length === 2 && {status}.startsWith('done')")
+            request = browser.evaluate("sent[1]")
+            assert request["messages"] == [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": stopped},
+                {"role": "user", "content": "<b>And</b> then?"},
+            ]
+            second = answer(request)
+            assert browser.evaluate(turns)[2:] == [["user", "<b>And</b> then?"], ["assistant", second]]
+            assert browser.evaluate("document.querySelectorAll('#conversation li *').length") == 0  # text, no markup
+
+            set_fields(temperature="1", seed="7")
+            browser.evaluate("document.getElementById('regenerate').click()")
+            browser.wait_for(f"sent.length === 3 && {status}.startsWith('done')")
+            again = browser.evaluate("sent[2]")
+            assert again["messages"] == request["messages"] and again["seed"] == 7
+            regenerated = answer(again)
+            assert regenerated != second
+            assert browser.evaluate(turns)[2:] == [["user", "<b>And</b> then?"], ["assistant", regenerated]]
+
+            browser.evaluate("document.getElementById('clear').click()")
+            assert browser.evaluate(turns) == []
         finally:
             browser.close()
 

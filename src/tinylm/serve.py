@@ -7,8 +7,8 @@
                                 developer, user, assistant) instead of "prompt", rendered with the model's chat template
                                 (a plain language model continues the messages' texts joined), "logprobs" (true or
                                 false) and "top_logprobs" (0-20) instead of "echo" and "logprobs"
-    GET  /v1/models, GET /health, GET / (the playground: static HTML and JavaScript, nothing fetched from elsewhere,
-                                starting from the run's `sample` settings)
+    GET  /v1/models, GET /health, GET / (the playground, completion or chat: static HTML and JavaScript, nothing
+                                fetched from elsewhere, starting from the run's `sample` settings)
     GET /tokenizer_info, POST /tokenize, POST /detokenize   vLLM's tokenizer endpoints (what lm-eval's
                                 `local-completions` looks for), in the model's own tokenizer
 
