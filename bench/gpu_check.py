@@ -387,7 +387,7 @@ class Check:
     name: str
     run: Callable[..., dict[str, Any]]
     budget_s: int
-    """The most seconds it may take on an H100-class GPU; it fails past that."""
+    """The most seconds it may take (sized for an H100-class GPU); it fails past that."""
     needs_cuda: bool = False
     needs_module: str | None = None
 
@@ -413,7 +413,7 @@ def run_check(check: Check, bench: Bench, seconds_left: float) -> dict[str, Any]
     if check.needs_module and importlib.util.find_spec(check.needs_module) is None:
         return record | {"status": "skipped", "reason": f"{check.needs_module} is not installed"}
     if seconds_left < 5:
-        return record | {"status": "skipped", "reason": "the check's --budget is spent"}
+        return record | {"status": "skipped", "reason": "--budget spent before it could start"}
     limit = min(check.budget_s, seconds_left)
     began = time.perf_counter()
     try:
