@@ -13,7 +13,7 @@ endif
 NODE_LLAMA_CPP_VERSION := 3.22.1
 NODE_LLAMA_CPP := build/node-llama-cpp
 
-.PHONY: setup demo test lint bench gpu-check docs clean
+.PHONY: setup demo test lint bench gpu-check gpu-wheels test-gpu docs clean
 
 setup: $(VENV)/.installed
 
@@ -61,7 +61,17 @@ bench: $(VENV)/.installed-dev $(NODE_LLAMA_CPP)/.installed
 docs: setup
 	$(BIN)/python -c 'from tinylm.recipes import config_reference; print(config_reference(), end="")' > docs/config.md
 
-gpu-check: $(VENV)/.installed-dev
+# The GPU check (docs/distributed.md): one JSON line per figure, in minutes, with $(PYTHON) (a GPU machine's own
+# python3; here `make gpu-check PYTHON=$(BIN)/python`), after installing the wheels of gpu-wheels where they are.
+gpu-check:
+	PYTHON=$(PYTHON) sh bench/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# What a GPU machine without registries lacks, downloaded here for its Python into build/gpu-wheels.
+gpu-wheels: $(VENV)/.installed
+	$(BIN)/python bench/gpu_wheels.py --into build/gpu-wheels
+
+# The gpu-marked tests, on a CUDA machine with this venv.
+test-gpu: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m gpu -rs
 
 clean:

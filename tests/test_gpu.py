@@ -1,4 +1,6 @@
-"""Checks that need a CUDA GPU: `make gpu-check` runs them on a GPU machine; the default test run skips them."""
+"""Checks that need a CUDA GPU: `make test-gpu` runs them on a GPU machine with the venv; the default test run skips
+them. On a lent GPU machine without registries, `make gpu-check` (bench/gpu_check.py) runs the same paths and times
+them."""
 
 from __future__ import annotations
 
