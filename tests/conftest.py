@@ -44,6 +44,40 @@ def capitals_examples(n: int) -> list[dict]:
     ]
 
 
+def capitals_pairs(n: int) -> list[dict]:
+    """Preference pairs whose preferred answer is learnable: the word in capitals rather than as it was."""
+    words = [WORDS[i % len(WORDS)] for i in range(n)]
+    return [
+        {"prompt": f"Write the word in capitals.\n\n{word}", "chosen": word.upper(), "rejected": word} for word in words
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """A 2-layer GPT-2 built from a config (no hub) with a 300-token byte-level BPE learned from the capitals examples,
+    without dropout (runs that differ only in batching match exactly)."""
+    import json
+
+    import torch
+    import transformers
+
+    from tinylm.tokenizers import END_OF_TEXT, HuggingFaceTokenizer
+
+    texts = [json.dumps(e) for e in capitals_examples(60)] * 3 + ["### User:\n### Assistant:\n"] * 20
+    backend = HuggingFaceTokenizer.train_bpe(texts, 300).backend
+    backend.encode_special_tokens = False  # transformers parses the template's special tokens in text
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT)
+    torch.manual_seed(0)
+    no_dropout = dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), 0.0)
+    config = transformers.GPT2Config(
+        vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=128, **no_dropout
+    )
+    folder = tmp_path_factory.mktemp("gpt2-tiny")
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own cache; the offline mirror beside the project stands in for the network.

@@ -20,9 +20,9 @@ from tinylm.config import FinetuneConfig, finetune_train_defaults
 from tinylm.data.instructions import IGNORE, TokenizedExamples, as_messages, encode_conversation, load_instructions
 from tinylm.errors import TinylmError
 from tinylm.pretrained import HuggingFaceChatTokenizer, HuggingFaceLM, load_pretrained
-from tinylm.tokenizers import END_OF_TEXT, HuggingFaceTokenizer
+from tinylm.tokenizers import END_OF_TEXT
 from tinylm.training import finetune
-from tinylm.training.tasks.sft import InstructionTuning, attach_trainable, response_nats
+from tinylm.training.tasks.sft import InstructionTuning, attach_trainable, check_same_fine_tune, response_nats
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -31,28 +31,10 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-NO_DROPOUT = ("resid_pdrop", "embd_pdrop", "attn_pdrop")  # runs that differ only in batching match exactly
 
 
 def train_cpu(**overrides) -> tinylm.TrainConfig:
     return dataclasses.replace(finetune_train_defaults(), device="cpu", seed=0, **overrides)
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory):
-    """A 2-layer GPT-2 built from a config (no hub) with a 512-token byte-level BPE learned from the test examples."""
-    texts = [json.dumps(e) for e in capitals_examples(60)] * 3 + ["### User:\n### Assistant:\n"] * 20
-    backend = HuggingFaceTokenizer.train_bpe(texts, 300).backend
-    backend.encode_special_tokens = False  # transformers parses the template's special tokens in text
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT)
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=128, **dict.fromkeys(NO_DROPOUT, 0.0)
-    )
-    folder = tmp_path_factory.mktemp("gpt2-tiny")
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +190,18 @@ def test_micro_batches_accumulate_to_the_same_step(tiny_gpt2, capitals_file, tmp
     # Adam magnifies float rounding in near-zero gradients: the two runs agree closely, not bitwise.
     assert results[1].held_out_loss_after == pytest.approx(results[0].held_out_loss_after, abs=1e-3)
     assert results[0].held_out_loss_after < results[0].held_out_loss_before
+
+
+def test_a_fine_tune_saved_before_dpo_beta_existed_resumes(tmp_path):
+    config = FinetuneConfig(base="base", data="data.jsonl", out=str(tmp_path))
+    saved = dataclasses.asdict(config)
+    del saved["dpo_beta"]
+    (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(saved))
+    check_same_fine_tune(tmp_path, config)  # the missing key takes its default
+    assert "dpo_beta" not in InstructionTuning(config).fixed_settings()  # nor do its checkpoints' settings change
+    (tmp_path / "finetune.yaml").write_text(yaml.safe_dump({**saved, "method": "dpo", "dpo_beta": 0.1}))
+    with pytest.raises(TinylmError, match="'dpo_beta' differs"):
+        check_same_fine_tune(tmp_path, dataclasses.replace(config, method="dpo", dpo_beta=0.2))
 
 
 def test_resumed_fine_tune_matches_an_uninterrupted_one(tiny_gpt2, capitals_file, tmp_path, monkeypatch):

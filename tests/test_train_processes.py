@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, capitals_examples, tiny_overrides
+from conftest import REPO, capitals_examples, capitals_pairs, tiny_overrides
 from safetensors.torch import load_file
 
 import tinylm
@@ -156,6 +156,37 @@ def test_a_fine_tune_killed_with_sigkill_resumes_bitwise_identical(capitals, tmp
 
     assert fine_tune_records(killed) == fine_tune_records(tmp_path / "reference")
     ours, theirs = (load_file(out / "adapter_model.safetensors") for out in (killed, tmp_path / "reference"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in theirs)
+
+
+def test_a_dpo_fine_tune_killed_with_sigkill_resumes_bitwise_identical(capitals, tmp_path):
+    # Every weight trained: the reference is a copy of the base taken at setup, never of the weights resumed from.
+    base, _ = capitals
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(pair) + "\n" for pair in capitals_pairs(40)))
+
+    def dpo_args(out: Path) -> list[str]:
+        # One thread here as in the killed process (OMP_NUM_THREADS=1): CPU kernels sum in an order that depends on
+        # the number of threads.
+        return [*finetune_args(base, data, out), "--method", "dpo", "--full", "--train.threads", "1"]
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(dpo_args(tmp_path / "reference")) == 0
+        killed = tmp_path / "killed"
+        os.environ["KILL_AT_STEP"] = "5"
+        try:
+            run([sys.executable, "-c", KILL_AT_STEP, *dpo_args(killed)])
+        finally:
+            del os.environ["KILL_AT_STEP"]
+        assert latest_checkpoint(killed).name == "step-0000003"
+        assert main([*dpo_args(killed), "--resume"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    assert fine_tune_records(killed) == fine_tune_records(tmp_path / "reference")
+    assert "preference_accuracy" in (killed / "metrics.jsonl").read_text()
+    ours, theirs = (load_file(out / "model" / "model.safetensors") for out in (killed, tmp_path / "reference"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in theirs)
 
 

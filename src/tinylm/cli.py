@@ -222,7 +222,8 @@ def finetune_parser() -> ArgumentParser:
     parser = ArgumentParser(
         exit_on_error=False,
         usage="tinylm finetune --base BASE --data DATA [--lora | --full] [--merge] [--out DIR] [--train.key VALUE ...]",
-        description="Fine-tune on instruction data; the held-out loss before and after is printed and recorded.",
+        description="Fine-tune on instruction data (or preference pairs, --method dpo); the held-out loss before and "
+        "after is printed and recorded.",
     )
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of these options.")
     parser.add_class_arguments(FinetuneConfig, None, as_group=False)
@@ -573,6 +574,12 @@ def run_finetune(args: list[str]) -> int:
     if result.answer_accuracy_before is not None:
         accuracy = (
             f", answer accuracy {result.answer_accuracy_before:.1%} before, {result.answer_accuracy_after:.1%} after"
+        )
+    if result.preference_accuracy_before is not None:
+        accuracy = (
+            f", preference accuracy {result.preference_accuracy_before:.1%} before, "
+            f"{result.preference_accuracy_after:.1%} after, reward margin {result.reward_margin_before:.4f} before, "
+            f"{result.reward_margin_after:.4f} after"
         )
     print(
         f"\nheld-out loss {result.held_out_loss_before:.4f} before, {result.held_out_loss_after:.4f} after "

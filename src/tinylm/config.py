@@ -372,12 +372,16 @@ class FinetuneConfig:
     base: str
     """A Hugging Face model name or folder, a .gguf file, a tinylm run folder, or smollm2-135m-instruct."""
     data: str
-    """Instruction data: gsm8k, alpaca, or a .jsonl/.json file of Alpaca-form or chat-form examples."""
+    """Instruction data: gsm8k, alpaca, or a .jsonl/.json file of Alpaca-form or chat-form examples; for --method dpo
+    a .jsonl/.json file of preference pairs ({prompt, chosen, rejected} or {messages, chosen, rejected})."""
     out: str = "out/finetune"
     """Folder for the adapter, the merged model, metrics and checkpoints."""
     method: Literal["sft", "dpo", "grpo"] = "sft"
     """What is learned: `sft` the responses of instruction data; `dpo` to prefer the chosen over the rejected response
     of preference pairs; `grpo` answers that a reward function scores (reinforcement learning)."""
+    dpo_beta: float = 0.1
+    """DPO's beta: an answer's reward is beta times the log of how much likelier the fine-tune makes it than the base
+    does; a larger beta keeps the fine-tune closer to the base. --method dpo only."""
     weights: Literal["lora", "full"] = "lora"
     """`lora`: train small low-rank adapters beside frozen weights; `full`: train every weight."""
     lora_r: int = 8

@@ -163,9 +163,10 @@ class RunRecord:
 
 
 def before_and_after(finetune: dict[str, Any] | None) -> dict[str, tuple[float, float]]:
-    """A fine-tune's held-out loss and answer accuracy (when measured), each before and after."""
+    """A fine-tune's held-out loss, answer accuracy and (DPO) preference accuracy and reward margin when measured,
+    each before and after."""
     pairs = {}
-    for key in ("held_out_loss", "answer_accuracy"):
+    for key in ("held_out_loss", "answer_accuracy", "preference_accuracy", "reward_margin"):
         if finetune and finetune.get(f"{key}_before") is not None:
             pairs[key.replace("_", " ")] = (finetune[f"{key}_before"], finetune[f"{key}_after"])
     return pairs

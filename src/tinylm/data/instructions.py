@@ -18,9 +18,11 @@ from __future__ import annotations
 import json
 import random
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -48,6 +50,7 @@ Render = Callable[[Messages, bool], str]
 """(messages, add_generation_prompt) -> the conversation as text."""
 Encode = Callable[[str], list[int]]
 """Rendered text -> token ids, the template's special tokens included."""
+Example = TypeVar("Example")
 
 
 @dataclass
@@ -58,6 +61,12 @@ class InstructionData:
 
 def read_examples(path: Path) -> list[Messages]:
     """Every example of a .jsonl or .json file, as a conversation; a malformed one stops with its place named."""
+    return [as_messages(record, where) for where, record in read_records(path)]
+
+
+def read_records(path: Path) -> list[tuple[str, object]]:
+    """Every record of a .jsonl (one JSON object per line) or .json (a list) file, each with its place in the file
+    ("data.jsonl:3") for the error that names it."""
     try:
         if path.suffix == ".jsonl":
             lines = path.read_text(encoding="utf-8").splitlines()
@@ -68,26 +77,21 @@ def read_examples(path: Path) -> list[Messages]:
                 raise TinylmError(f"{path} must hold a JSON list of examples, not a {type(loaded).__name__}")
             records = [(f"{path} example {n}", record) for n, record in enumerate(loaded, 1)]
         else:
-            raise TinylmError(f"{path}: instruction data must be a .jsonl or .json file of examples")
+            raise TinylmError(f"{path}: fine-tuning data must be a .jsonl or .json file of examples")
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise TinylmError(f"{path} is not valid JSON ({error}); fix the file or give another --data") from None
     if not records:
         raise TinylmError(f"{path} holds no examples")
-    return [as_messages(record, where) for where, record in records]
+    return records
 
 
 def as_messages(record: object, where: str) -> Messages:
     """An Alpaca or chat example as a list of {role, content} messages."""
     if isinstance(record, dict) and "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        ):
-            raise TinylmError(f'{where}: \'messages\' must be a list of {{"role": ..., "content": ...}} objects')
+        messages = checked_messages(record["messages"], where)
         if not any(m["role"] == "assistant" for m in messages):
             raise TinylmError(f"{where}: the conversation has no assistant message to learn from")
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
+        return messages
     if isinstance(record, dict) and "instruction" in record and "output" in record:
         fields = {key: record.get(key) or "" for key in ("instruction", "input", "output")}
         if not all(isinstance(value, str) for value in fields.values()):
@@ -100,12 +104,17 @@ def as_messages(record: object, where: str) -> Messages:
     )
 
 
-def load_instructions(spec: str, held_out_examples: int, max_examples: int | None = None) -> InstructionData:
-    """The examples of a registry dataset (gsm8k, alpaca) or a local file, split into train and held out.
+def checked_messages(messages: object, where: str) -> Messages:
+    """A record's 'messages' as a list of {role, content} messages, or a one-line error naming `where`."""
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ):
+        raise TinylmError(f'{where}: \'messages\' must be a list of {{"role": ..., "content": ...}} objects')
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
-    The held-out examples are spread evenly through the file, so the split depends on the data alone (not on a seed)
-    and stays the same from run to run.
-    """
+
+def load_instructions(spec: str, held_out_examples: int, max_examples: int | None = None) -> InstructionData:
+    """The examples of a registry dataset (gsm8k, alpaca) or a local file, split into train and held out."""
     if spec in SOURCES:
         dataset = SOURCES[spec]
         paths = [fetch(dataset.folder, remote) for remote in dataset.files]
@@ -118,16 +127,19 @@ def load_instructions(spec: str, held_out_examples: int, max_examples: int | Non
             )
         paths = [path]
     examples = [example for path in paths for example in read_examples(path)][:max_examples]
+    return InstructionData(*split_held_out(examples, held_out_examples, spec))
+
+
+def split_held_out(examples: list[Example], held_out_examples: int, spec: str) -> tuple[list[Example], list[Example]]:
+    """(train, held out): the held-out examples spread evenly through `examples`, so the split depends on the data
+    alone (not on a seed) and stays the same from run to run."""
     if len(examples) <= held_out_examples:
         raise TinylmError(
             f"{spec} has {len(examples)} examples, not more than the {held_out_examples} held out; "
             "give more data or lower --held-out-examples"
         )
     held = {len(examples) * i // held_out_examples for i in range(held_out_examples)}
-    return InstructionData(
-        train=[e for i, e in enumerate(examples) if i not in held],
-        held_out=[e for i, e in enumerate(examples) if i in held],
-    )
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
 def final_answer(text: str) -> str | None:
@@ -144,13 +156,16 @@ def final_answer(text: str) -> str | None:
     return str(int(number)) if number.is_integer() else str(number)
 
 
-def encode_conversation(messages: Messages, render: Render, encode: Encode) -> tuple[list[int], list[int]]:
+def encode_conversation(
+    messages: Messages, render: Render, encode: Encode, last_turn_only: bool = False
+) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation and their labels: the ids themselves on assistant turns (their closing
     end-of-turn token included), IGNORE everywhere else. Messages after the last assistant turn teach nothing and
-    are left out."""
+    are left out. With `last_turn_only`, the earlier assistant turns are context too (a preference pair's answer)."""
     ids: list[int] = []
     labels: list[int] = []
     rendered = ""
+    last_turn = max((turn for turn, message in enumerate(messages) if message["role"] == "assistant"), default=-1)
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -162,13 +177,59 @@ def encode_conversation(messages: Messages, render: Render, encode: Encode) -> t
                 "tokens cannot be told apart; use a tokenizer with a prefix-consistent template"
             )
         prompt_ids, response_ids = encode(prompt[len(rendered) :]), encode(full[len(prompt) :])
+        learned = response_ids if turn == last_turn or not last_turn_only else [IGNORE] * len(response_ids)
         ids += prompt_ids + response_ids
-        labels += [IGNORE] * len(prompt_ids) + response_ids
+        labels += [IGNORE] * len(prompt_ids) + learned
         rendered = full
     return ids, labels
 
 
-class TokenizedExamples:
+Row = tuple[list[int], list[int]]
+"""The token ids of one encoded conversation and their labels."""
+
+
+def padded(rows: list[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, labels), each (len(rows), longest row); shorter rows are padded on the right with IGNORE labels, so a
+    causal model's real tokens never see the padding."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for row, (row_ids, row_labels) in enumerate(rows):
+        ids[row, : len(row_ids)] = torch.tensor(row_ids)
+        labels[row, : len(row_labels)] = torch.tensor(row_labels)
+    return ids, labels
+
+
+class ShuffledRows(ABC):
+    """Rows of training data served in a reshuffled order per epoch, as padded tensors (`batch`)."""
+
+    rows: list
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @abstractmethod
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        """The rows at `indices` as tensors whose first dimension is the row."""
+
+    def epoch_order(self, seed: int, epoch: int) -> list[int]:
+        """A shuffle of the rows that depends only on (seed, epoch), so a resumed run draws the same batches."""
+        order = list(range(len(self.rows)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def training_batch(
+        self, step: int, batch_size: int, seed: int, rows: slice = slice(None)
+    ) -> tuple[torch.Tensor, ...]:
+        """`rows` of the batch of optimizer step `step`: consecutive rows of a reshuffled pass over the data per
+        epoch."""
+        n = len(self.rows)
+        positions = range(step * batch_size, (step + 1) * batch_size)[rows]
+        orders = {epoch: self.epoch_order(seed, epoch) for epoch in {p // n for p in positions}}
+        return self.batch([orders[p // n][p % n] for p in positions])
+
+
+class TokenizedExamples(ShuffledRows):
     """Encoded conversations cut to `max_length` tokens, served as padded batches of (ids, labels).
 
     With `pack`, the conversations are laid end to end and cut into rows of exactly max_length tokens: no padding, so
@@ -199,33 +260,6 @@ class TokenizedExamples:
             raise TinylmError(f"no example has a response within --max-length {max_length} tokens; raise --max-length")
         self.pad_id = pad_id
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, labels), each (len(indices), longest row); shorter rows are padded on the right with IGNORE labels,
-        so a causal model's real tokens never see the padding."""
-        rows = [self.rows[i] for i in indices]
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        for row, (row_ids, row_labels) in enumerate(rows):
-            ids[row, : len(row_ids)] = torch.tensor(row_ids)
-            labels[row, : len(row_labels)] = torch.tensor(row_labels)
-        return ids, labels
-
-    def epoch_order(self, seed: int, epoch: int) -> list[int]:
-        """A shuffle of the rows that depends only on (seed, epoch), so a resumed run draws the same batches."""
-        order = list(range(len(self.rows)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        return order
-
-    def training_batch(
-        self, step: int, batch_size: int, seed: int, rows: slice = slice(None)
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`rows` of the batch of optimizer step `step`: consecutive rows of a reshuffled pass over the data per
-        epoch."""
-        n = len(self.rows)
-        positions = range(step * batch_size, (step + 1) * batch_size)[rows]
-        orders = {epoch: self.epoch_order(seed, epoch) for epoch in {p // n for p in positions}}
-        return self.batch([orders[p // n][p % n] for p in positions])
+        """(ids, labels), each (len(indices), longest row), padded as `padded` pads."""
+        return padded([self.rows[i] for i in indices], self.pad_id)

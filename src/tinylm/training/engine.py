@@ -84,7 +84,7 @@ MAX_ROLLBACKS = 3
 class Task(ABC):
     """What one kind of training computes; the engine does the rest.
 
-    A new kind of training is one file in training/tasks/ with a subclass. Preference tuning (DPO), for example:
+    A new kind of training is one file in training/tasks/ with a subclass. Preference tuning (DPO, tasks/dpo.py):
     `setup` loads the policy with LoRA adapters; `batch` serves (prompt + chosen, prompt + rejected, labels) rows;
     `loss` sums -log sigmoid(beta * margin) over the pairs, the reference log-probabilities computed under
     torch.no_grad with the adapters disabled; `targets` counts the pairs; `evaluate` reports held-out preference
@@ -491,20 +491,28 @@ class Engine:
             torch.nn.utils.clip_grads_with_norm_(self.trainable, max_norm, norm, foreach=True)
         return norm
 
-    @torch.no_grad()
     def mean_loss(self, batches: list[Batch]) -> float:
         """The mean loss per prediction over `batches` (this process's rows), all processes together."""
+        return self.mean_scores(batches, self.task.loss)[0]
+
+    @torch.no_grad()
+    def mean_scores(
+        self, batches: list[Batch], score: Callable[[Forward, Batch], torch.Tensor], width: int = 1
+    ) -> list[float]:
+        """The means per prediction over `batches` (this process's rows), all processes together, of the `width`
+        sums that `score` returns for a micro-batch, computed as `Task.loss` is but in evaluation mode."""
         self.model.eval()
-        sums = torch.zeros(2, device=self.device, dtype=torch.float64)
+        sums = torch.zeros(width + 1, device=self.device, dtype=torch.float64)
         for batch in batches:
             for micro_batch in self.task.micro_batches(batch, self.micro_batch_size):
                 with self.autocast():
-                    nats = self.task.loss(self.forward, tuple(t.to(self.device) for t in micro_batch))
-                sums += torch.stack([nats.double(), torch.tensor(float(self.task.targets(micro_batch)))])
-        total, count = self.processes.sum(sums).tolist()
+                    scores = score(self.forward, tuple(t.to(self.device) for t in micro_batch))
+                count = torch.tensor([float(self.task.targets(micro_batch))], device=self.device)
+                sums += torch.cat([scores.double().reshape(width), count.double()])
+        *totals, count = self.processes.sum(sums).tolist()
         self.model.train()
         reshard(self.model)
-        return total / count
+        return [total / count for total in totals]
 
     def roll_back(self, loss: float) -> None:
         """A NaN or infinite loss: stop, or (on_nan skip) go back to the last checkpoint and go on with new batches."""

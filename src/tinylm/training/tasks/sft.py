@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -60,6 +60,7 @@ class FinetuneResult:
     out: Path
     steps: int
     held_out_loss_before: float
+    """The mean loss on the held-out examples before training: per response token (sft), per pair (dpo)."""
     held_out_loss_after: float
     """The held-out loss of the weights kept: the best evaluation's."""
     trainable_parameters: int
@@ -70,6 +71,20 @@ class FinetuneResult:
     """Share of held-out examples answered right (greedy) before training; None when the data has no final answers."""
     answer_accuracy_after: float | None = None
     """The same for the weights kept."""
+    preference_accuracy_before: float | None = None
+    """DPO: share of held-out pairs whose chosen answer the fine-tune rewards above the rejected one (a tie counts
+    half, so the base itself scores 0.5), before training."""
+    preference_accuracy_after: float | None = None
+    reward_margin_before: float | None = None
+    """DPO: mean over held-out pairs of the chosen answer's reward minus the rejected one's (a reward is dpo_beta
+    times the log of how much likelier the fine-tune makes the answer than the base does; 0 before training)."""
+    reward_margin_after: float | None = None
+    chosen_reward_before: float | None = None
+    """DPO: mean reward of the held-out chosen answers (0 before training)."""
+    chosen_reward_after: float | None = None
+    rejected_reward_before: float | None = None
+    """DPO: mean reward of the held-out rejected answers (0 before training)."""
+    rejected_reward_after: float | None = None
 
 
 class InstructionTuning(Task):
@@ -81,12 +96,17 @@ class InstructionTuning(Task):
     }
     evaluates_at_start = True
     best_weights_file = "checkpoints/best.safetensors"
+    sequences_per_row: ClassVar[int] = 1
+    """Token sequences (of up to max_length tokens) in one row of a batch, for train.batch_tokens."""
 
     def __init__(self, config: FinetuneConfig, resume: bool = False):
         check_finetune_config(config)
         self.config, self.out, self.default_train = config, Path(config.out), finetune_train_defaults()
         batch_size_given = config.train.batch_size != self.default_train.batch_size
-        self.train = batch_size_from_tokens(config.train, config.max_length, "--max-length", batch_size_given)
+        row_tokens, row_name = self.sequences_per_row * config.max_length, "--max-length"
+        if self.sequences_per_row > 1:
+            row_name = f"{self.sequences_per_row} x --max-length"
+        self.train = batch_size_from_tokens(config.train, row_tokens, row_name, batch_size_given)
         if resume:
             check_same_fine_tune(self.out, config)
 
@@ -123,7 +143,9 @@ class InstructionTuning(Task):
         write_yaml(folder / FINETUNE_CONFIG_FILE, asdict(self.config))
 
     def fixed_settings(self) -> dict[str, Any]:
-        return {key: value for key, value in asdict(self.config).items() if key not in ("train", "out")}
+        """The config but the train section and out; dpo_beta is PreferenceTuning's (checkpoints of fine-tunes from
+        before it existed resume)."""
+        return {key: value for key, value in asdict(self.config).items() if key not in ("train", "out", "dpo_beta")}
 
     def describe(self, model: nn.Module) -> str:
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -143,13 +165,13 @@ class InstructionTuning(Task):
         return self.train_set.training_batch(index, self.train.batch_size, self.train.seed, rows)
 
     def micro_batches(self, batch: Batch, size: int) -> list[Batch]:
-        """Each micro-batch cut after its last labelled column: a causal model's loss on the tokens before does not
-        depend on what follows them."""
+        """Each micro-batch cut after its last labelled column (of every row, however the rows are grouped): a causal
+        model's loss on the tokens before does not depend on what follows them."""
         cut = []
         for ids, labels in super().micro_batches(batch, size):
-            labelled = (labels != IGNORE).any(dim=0).nonzero()
+            labelled = (labels != IGNORE).flatten(0, -2).any(dim=0).nonzero()
             width = int(labelled[-1]) + 1 if len(labelled) else 1
-            cut.append((ids[:, :width], labels[:, :width]))
+            cut.append((ids[..., :width], labels[..., :width]))
         return cut
 
     def targets(self, micro_batch: Batch) -> int:
@@ -203,9 +225,10 @@ class InstructionTuning(Task):
             "elapsed_s": result.elapsed_s,
             "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         }
-        if self.answered:
-            result.details["answer_accuracy_before"] = result.start["answer_accuracy"]
-            result.details["answer_accuracy_after"] = result.best["answer_accuracy"]
+        for score in result.best:  # answer_accuracy, DPO's preference accuracy and rewards, ...
+            if score != "val_loss":
+                result.details[f"{score}_before"] = result.start[score]
+                result.details[f"{score}_after"] = result.best[score]
         if not result.is_main:
             return
         save_outputs(self.out, self.config, self.base, self.trainable)
@@ -255,6 +278,12 @@ def check_finetune_config(config: FinetuneConfig) -> None:
         raise TinylmError("--merge cannot fold an adapter into 4/8-bit weights; drop --merge and load base + adapter")
     if not 0.0 <= config.lora_dropout < 1.0:
         raise TinylmError(f"--lora-dropout must be in [0, 1), not {config.lora_dropout}")
+    if config.method != "dpo" and config.dpo_beta != FinetuneConfig.dpo_beta:
+        raise TinylmError(f"--dpo-beta applies to --method dpo only; drop it for --method {config.method}")
+    if config.method == "dpo" and config.dpo_beta <= 0:
+        raise TinylmError(f"--dpo-beta must be above 0, not {config.dpo_beta}")
+    if config.method == "dpo" and config.pack:
+        raise TinylmError("--pack lays instruction examples end to end; --method dpo keeps a pair per row: drop --pack")
 
 
 def check_same_fine_tune(out: Path, config: FinetuneConfig) -> None:
@@ -262,7 +291,10 @@ def check_same_fine_tune(out: Path, config: FinetuneConfig) -> None:
     saved_file = out / FINETUNE_CONFIG_FILE
     if not saved_file.is_file():
         raise TinylmError(f"nothing to resume in {out}: it holds no {FINETUNE_CONFIG_FILE}; run without --resume")
-    saved, given = read_yaml(saved_file), asdict(config)
+    given = asdict(config)
+    # A key saved before it existed (dpo_beta) takes its default.
+    defaults = {f.name: f.default for f in fields(FinetuneConfig) if f.default is not MISSING}
+    saved = {**defaults, **read_yaml(saved_file)}
     if saved.get("method") in ("lora", "full"):  # saved before `weights` was split off `method`
         saved["weights"], saved["method"] = saved["method"], "sft"
     if not isinstance(saved.get("train"), dict):
@@ -309,9 +341,17 @@ def attach_trainable(base: Pretrained, config: FinetuneConfig) -> nn.Module:
 
 def response_nats(lm: Forward, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy (nats) of predicting each labelled token from the ones before it."""
+    return -response_log_probs(lm, ids, labels).sum()
+
+
+def response_log_probs(lm: Forward, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The log-probability (nats) of each row's labelled tokens together, each predicted from the ones before it."""
     logits, _ = lm(ids)
-    logits = logits[:, :-1].flatten(0, 1).float()
-    return F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum")
+    targets = labels[:, 1:]
+    nats = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none"
+    )
+    return -nats.view_as(targets).sum(dim=1)
 
 
 def save_outputs(out: Path, config: FinetuneConfig, base: Pretrained, trained: nn.Module) -> None:
