@@ -47,7 +47,7 @@ from tinylm.errors import TinylmError
 from tinylm.gguf_export import export_gguf, gguf_architecture
 from tinylm.hf import export_hf, hf_family
 from tinylm.recipes import load_config
-from tinylm.report import flat_scores, format_score, table, write_report
+from tinylm.report import before_and_after, flat_scores, format_score, table, write_report
 from tinylm.run import load
 from tinylm.runs import (
     FINETUNE_RESULT_FILE,
@@ -240,8 +240,8 @@ class Pipeline:
         if start_from is not None and start_from not in names:
             raise TinylmError(f"--from {start_from}: this pipeline's stages are {', '.join(names)}")
         remove_stale_staging(self.out.parent, self.out.name)
-        remove_stale_staging(self.out)
         check_output(self.out, "pipeline", overwrite=True)  # nothing there yet, or a pipeline to go on with
+        remove_stale_staging(self.out)  # what a killed stage left half-staged (eval/, report/)
         state = read_json(self.out / PIPELINE_FILE) if output_kind(self.out) == "pipeline" else {"stages": {}}
         recorded = state.get("stages") if isinstance(state.get("stages"), dict) else {}
         self.records = {name: record for name, record in recorded.items() if isinstance(record, dict)}
@@ -323,10 +323,8 @@ class Pipeline:
     def run_finetune(self, config: FinetuneConfig, fresh: bool) -> tuple[dict[str, Any], str]:
         result = continue_or_start(Path(config.out), "finetune", fresh, lambda **start: finetune(config, **start))
         figures = {key: value for key, value in asdict(result).items() if key != "out" and value is not None}
-        summary = f"held-out loss {result.held_out_loss_before:.4f} -> {result.held_out_loss_after:.4f}"
-        if result.answer_accuracy_after is not None:
-            summary += f", answer accuracy {result.answer_accuracy_before:.1%} -> {result.answer_accuracy_after:.1%}"
-        return figures, f"{summary} after {result.steps:,} steps"
+        changes = [f"{name} {before:.4f} -> {after:.4f}" for name, (before, after) in before_and_after(figures).items()]
+        return figures, f"{', '.join(changes)} after {result.steps:,} steps"
 
     def evaluate(self, fresh: bool) -> tuple[dict[str, Any], str]:
         """Bits per byte of every trained model on the pretraining text's held-out split; the final model's stories
