@@ -131,6 +131,35 @@ def tiny_overrides(text_file: Path, out: Path, **extra) -> dict:
     }
 
 
+# configs/pipeline-tinystories-cpu.yaml at a size that runs in seconds: its data, tokenizer kind, stages and exports,
+# with a tiny model and a few steps (tests/test_pipeline.py, the pipeline notebook).
+TINY_PIPELINE = {
+    "pretrain.data.tokenizer": "bpe:300",
+    "pretrain.model.n_layer": 1,
+    "pretrain.model.n_head": 2,
+    "pretrain.model.n_embd": 32,
+    "pretrain.model.block_size": 128,
+    "pretrain.train.max_steps": 6,
+    "pretrain.train.batch_size": 4,
+    "pretrain.train.eval_interval": 3,
+    "pretrain.train.eval_batches": 1,
+    "pretrain.train.warmup_steps": 1,
+    "pretrain.train.threads": 1,
+    "pretrain.sample.max_new_tokens": 8,
+    "sft.max_examples": 24,
+    "sft.held_out_examples": 4,
+    "sft.max_length": 128,
+    "sft.train.max_steps": 4,
+    "sft.train.batch_size": 4,
+    "sft.train.eval_interval": 2,
+    "sft.train.warmup_steps": 1,
+    "sft.train.threads": 1,
+    "eval.stories": 2,
+    "eval.max_new_tokens": 12,
+    "export.gguf.quant": "f32",
+}
+
+
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     code = main(list(args))
     captured = capsys.readouterr()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SMALL_TEXT, capitals_examples, tiny_overrides, tree_hashes
+from conftest import REPO, SMALL_TEXT, capitals_examples, tiny_overrides, tree_hashes
 
 import tinylm
 from tinylm.cli import main
@@ -443,10 +443,18 @@ OPTION_CASES = {
         ["finetune", "--base", "{base}", "--data", "{case}/other.jsonl", "--out", "{ft}", "--resume", "{few}"],
         "'data' differs",
     ),
+    # pipeline
+    "pipeline-no-recipe": (["pipeline", "{case}/none.yaml"], "none.yaml"),
+    "pipeline-garbage-recipe": (["pipeline", "{case}/recipe.yaml"], "recipe.yaml"),
+    "pipeline-key-without-value": (["pipeline", "{pipeline}", "--out"], "--out needs a value"),
+    "pipeline-unknown-key": (["pipeline", "{pipeline}", "--out", "{case}/new", "--sft.lora_rr", "4"], "lora_rr"),
+    "pipeline-out-a-run": (["pipeline", "{pipeline}", "--out", "{run}"], "tinylm run"),
+    "pipeline-out-foreign": (["pipeline", "{pipeline}", "--out", "{case}/foreign", "--overwrite"], "foreign"),
 }
 TINY = (
     "--model.block_size 32 --model.n_layer 2 --model.n_head 2 --model.n_embd 32 --train.max_steps 2 --train.device cpu"
 )
+PIPELINE_RECIPE = REPO / "configs" / "pipeline-tinystories-cpu.yaml"
 FEW = (  # the shared fine-tune's settings
     "--held-out-examples 4 --max-length 128 --train.max-steps 1 --train.batch-size 4 --train.device cpu"
 )
@@ -480,7 +488,7 @@ def case_files(case: Path, shared: dict[str, Path]) -> dict[str, str]:
     shutil.copytree(shared["run"], run)
     shutil.copytree(shared["ft"], ft)
     shutil.copytree(shared["hf"], hf)
-    places = {"run": run, "ft": ft, "hf": hf, "case": case, "text": shared["text"]}
+    places = {"run": run, "ft": ft, "hf": hf, "case": case, "text": shared["text"], "pipeline": PIPELINE_RECIPE}
     places |= {"instructions": shared["instructions"], "base": shared["run"]}
     return {**{k: str(v) for k, v in places.items()}, "tiny": TINY, "few": FEW}
 

@@ -23,6 +23,7 @@ from conftest import (
 
 import tinylm
 from tinylm.hf import export_hf, import_model, resolve_source, tokenizers_backend
+from tinylm.pretrained import TinylmChatTokenizer
 from tinylm.runs import CONFIG_FILE
 from tinylm.tokenizers import CharTokenizer, TiktokenTokenizer, Tokenizer
 
@@ -196,6 +197,18 @@ def test_llama_style_run_exports_to_llama(tmp_path, fields):
     llama = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "rope_theta": 1000.0, "norm_eps": 1e-6}
     run = make_run(tmp_path / "run", CharTokenizer.train([SMALL_TEXT]), **llama, **fields)
     assert_exported_matches(run, export_hf(run.path, tmp_path / "hf"), "LlamaForCausalLM")
+
+
+def test_a_chat_models_template_goes_with_its_export(tmp_path):
+    run = make_run(tmp_path / "run", bpe_tokenizer())
+    TinylmChatTokenizer(run.tokenizer).save(run.path)  # as a fine-tune of a tinylm run saves its model/
+    chat = tinylm.load(run.path).chat
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(export_hf(run.path, tmp_path / "hf")))
+    messages = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once."}]
+    for turns, prompt in ((messages[:1], True), (messages, False)):
+        assert hf_tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt) == chat.render(
+            turns, prompt
+        )
 
 
 LLAMA_STYLE = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "n_kv_head": 2}

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_PIPELINE
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -56,6 +57,14 @@ SMALL_SETTINGS = {
     "04_attention_is_all_you_need.ipynb": (
         {"MAX_STEPS": 120, "EVAL_INTERVAL": 40, "MAX_LENGTH": 6, "VAL_SEQUENCES": 50, "THREADS": 1, "EXAMPLE": "3 1 4"},
         "out/reverse-task/cross_attention.png",
+    ),
+    "05_pipeline.ipynb": (
+        {
+            "RECIPE": str(REPO / "configs" / "pipeline-tinystories-cpu.yaml"),
+            "OVERRIDES": TINY_PIPELINE,
+            "MAX_NEW_TOKENS": 12,
+        },
+        "out/pipeline-tinystories-cpu/export/model.gguf",
     ),
 }
 

@@ -20,6 +20,8 @@ _EXPORTS = {
     "FinetuneConfig": "tinylm.config",
     "FinetuneResult": "tinylm.training",
     "ModelConfig": "tinylm.config",
+    "PipelineConfig": "tinylm.config",
+    "PipelineResult": "tinylm.pipeline",
     "Run": "tinylm.run",
     "SampleConfig": "tinylm.config",
     "TaskConfig": "tinylm.config",
@@ -30,6 +32,8 @@ _EXPORTS = {
     "load": "tinylm.run",
     "load_config": "tinylm.recipes",
     "load_copy_task": "tinylm.copy_task",
+    "load_pipeline_config": "tinylm.pipeline",
+    "run_pipeline": "tinylm.pipeline",
     "train": "tinylm.training",
 }
 __all__ = list(_EXPORTS)

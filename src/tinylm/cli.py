@@ -6,9 +6,10 @@ import contextlib
 import json
 import sys
 from argparse import SUPPRESS
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields, is_dataclass, replace
 from typing import Any, Literal, get_type_hints
 
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from tinylm.config import (
@@ -18,6 +19,7 @@ from tinylm.config import (
     ExportConfig,
     FinetuneConfig,
     LoadConfig,
+    PipelineConfig,
     SampleConfig,
     ServeLimits,
     TrainConfig,
@@ -173,6 +175,12 @@ def build_parser() -> ArgumentParser:
     )
     commands.add_subcommand("report", report, help="Write a run's report card, or several runs side by side.")
 
+    commands.add_subcommand(
+        "pipeline",
+        pipeline_parser(),
+        help="Tokenizer, pretraining, fine-tunes, evaluation, report card and export from one recipe, resumable.",
+    )
+
     translate = ArgumentParser(exit_on_error=False, description="Answer a sequence with a trained seq2seq run.")
     translate.add_argument("run_dir", type=str, help="Run folder of `tinylm train configs/copy-task.yaml`.")
     translate.add_argument("sequence", type=str, help='Symbols separated by spaces, e.g. "3 1 4 1 5".')
@@ -293,6 +301,61 @@ def sampling_options(args, names: list[str]) -> dict[str, Any]:
     return {name: setting_from_text(SampleConfig, name, args[name]) for name in names if name in args}
 
 
+def pipeline_parser() -> ArgumentParser:
+    """`tinylm pipeline`'s options, for --help: the command itself reads them with `pipeline_arguments`, since a
+    recipe key may be set at any depth (--sft.train.max_steps)."""
+    keys = {}
+    for name, meaning in field_docs(PipelineConfig).items():
+        section = get_type_hints(PipelineConfig)[name]
+        inner = field_docs(section).items() if is_dataclass(section) else []
+        keys.update({f"{name}.{key}": text for key, text in inner} or {name: meaning})
+    listed = "; ".join(f"{key}: {meaning.rstrip('.')}" for key, meaning in keys.items())
+    parser = ArgumentParser(
+        exit_on_error=False,
+        usage="tinylm pipeline RECIPE.yaml [--out DIR] [--from STAGE] [--overwrite] [--KEY VALUE ...]",
+        description="Run a pipeline recipe: tokenizer, pretrain, sft, preference, rl, eval, report, export, each "
+        "into a folder of --out. A stage done already is skipped, an interrupted one continued. Any recipe key is set "
+        f"with --KEY VALUE, dotted, the value read as YAML (e.g. --sft.train.max_steps 50). The keys: {listed}.",
+    )
+    parser.add_argument("recipe", type=str, help="A pipeline recipe (configs/pipeline-*.yaml).")
+    parser.add_argument("--out", type=str | None, default=None, help=field_docs(PipelineConfig)["out"])
+    parser.add_argument("--from", type=str | None, default=None, help="Run this stage and every later one again.")
+    parser.add_argument("--overwrite", action="store_true", help="Run every stage again, replacing its output.")
+    return parser
+
+
+def pipeline_arguments(args: list[str]) -> tuple[str, dict[str, Any], bool, str | None]:
+    """(recipe, dotted overrides, --overwrite, --from STAGE) of `tinylm pipeline`'s arguments: `--KEY VALUE` or
+    `--KEY=VALUE` sets any recipe key (--out DIR is the key `out`), the value read as YAML (50, null, [a, b]) or
+    else taken as text."""
+    recipe, overrides, overwrite, start_from = None, {}, False, None
+    remaining = iter(args)
+    for arg in remaining:
+        if arg == "--overwrite":
+            overwrite = True
+            continue
+        if not arg.startswith("--"):
+            if recipe is not None:
+                raise TinylmError(f"unexpected argument {arg!r}: give one recipe, then --KEY VALUE options")
+            recipe = arg
+            continue
+        name, equals, text = arg.partition("=")
+        if not equals:
+            text = next(remaining, None)
+            if text is None:
+                raise TinylmError(f"{name} needs a value")
+        if name == "--from":
+            start_from = text
+            continue
+        try:
+            overrides[name[2:].replace("-", "_")] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            overrides[name[2:].replace("-", "_")] = text
+    if recipe is None:
+        raise TinylmError("give a pipeline recipe: tinylm pipeline RECIPE.yaml (see configs/pipeline-*.yaml)")
+    return recipe, overrides, overwrite, start_from
+
+
 def train_parser() -> ArgumentParser:
     parser = config_parser()
     parser.usage = (
@@ -314,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(argv[1:])
         if argv[:1] == ["finetune"] and not {"-h", "--help"} & set(argv):
             return run_finetune(argv[1:])
+        if argv[:1] == ["pipeline"] and not {"-h", "--help"} & set(argv):
+            return run_pipeline_recipe(argv[1:])
         try:
             args = parser.parse_args(argv)
         except Exception as error:  # jsonargparse reports every parse problem as ArgumentError or ValueError
@@ -598,6 +663,15 @@ def _bare_switches_on(args: list[str]) -> list[str]:
         if arg in switches and (following or "").lower() not in ("true", "false"):
             result.append("true")
     return result
+
+
+def run_pipeline_recipe(args: list[str]) -> int:
+    from tinylm.pipeline import load_pipeline_config, run_pipeline
+
+    recipe, overrides, overwrite, start_from = pipeline_arguments(args)
+    result = run_pipeline(load_pipeline_config(recipe, overrides), overwrite, start_from)
+    print(f"\n{result.table()}\npipeline saved in {result.out}")
+    return 0
 
 
 def run_report(args) -> int:

@@ -8,12 +8,13 @@ line's dotted overrides, into a `Config`. The fully resolved config is saved as 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import math
 import re
 import types
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -372,8 +373,9 @@ class FinetuneConfig:
     base: str
     """A Hugging Face model name or folder, a .gguf file, a tinylm run folder, or smollm2-135m-instruct."""
     data: str
-    """Instruction data: gsm8k, alpaca, or a .jsonl/.json file of Alpaca-form or chat-form examples; for --method dpo
-    a .jsonl/.json file of preference pairs ({prompt, chosen, rejected} or {messages, chosen, rejected})."""
+    """Instruction data: gsm8k, alpaca, tinystories-chat[:SUBSET] (TinyStories' training stories, each asked for in a
+    request made from it), or a .jsonl/.json file of Alpaca-form or chat-form examples; for --method dpo a .jsonl/.json
+    file of preference pairs ({prompt, chosen, rejected} or {messages, chosen, rejected})."""
     out: str = "out/finetune"
     """Folder for the adapter, the merged model, metrics and checkpoints."""
     method: Literal["sft", "dpo", "grpo"] = "sft"
@@ -410,6 +412,81 @@ class FinetuneConfig:
     warm-up, evaluation and logging intervals, seed, device, threads."""
 
 
+STORY_REQUESTS = (
+    "Tell me a short story with the words dog, ball and happy.",
+    "Tell me a story that starts with: Once upon a time, there was a little cat named Mia.",
+)
+"""What a pipeline asks its final model by default: requests like those of the tinystories-chat set."""
+
+
+@dataclass
+class PipelineEvalConfig:
+    """What a pipeline's eval stage measures, into eval/results.json."""
+
+    bits_per_byte: bool = True
+    """Bits per byte of each trained model (the pretrained one and each fine-tune) on the held-out split of the
+    pretraining text."""
+    stories: int = 10
+    """Complete the first this many of the TinyStories paper's 44 evaluation prompts with the final model and score
+    the stories as `tinylm eval --stories` does (0: none)."""
+    chat: list[str] = field(default_factory=lambda: list(STORY_REQUESTS))
+    """Requests the final model answers through its chat template (when a fine-tune made it a chat model); the
+    replies are saved beside the scores."""
+    max_new_tokens: int = 200
+    """Most tokens of each story and reply; the other sampling settings are the pretraining recipe's `sample`."""
+
+
+@dataclass
+class PipelineExportConfig:
+    """What a pipeline exports of its final model, into export/."""
+
+    gguf: ExportConfig | None = field(default_factory=ExportConfig)
+    """export/model.gguf for llama.cpp and Ollama, its weights as `quant` (e.g. {quant: q8_0}); null: none."""
+    hf: bool = False
+    """export/hf: a Hugging Face transformers folder."""
+
+
+@dataclass
+class PipelineConfig:
+    """A pipeline: tokenizer, pretraining, fine-tunes, evaluation, report card and export in one command, each stage
+    writing a sub-folder of `out` (tinylm.pipeline)."""
+
+    pretrain: str | dict[str, Any]
+    """The pretraining run: a train recipe's path (relative to the pipeline recipe's folder), or a mapping of recipe
+    sections (data, model, train, sample) whose keys override the train recipe that its `recipe` key names, if any."""
+    sft: dict[str, Any] | None = None
+    """Instruction fine-tuning of the pretrained model: `tinylm finetune`'s keys (data, weights, max_length, train,
+    ...) but base, out, merge and bits, which the pipeline sets; null: none."""
+    preference: dict[str, Any] | None = None
+    """Preference tuning of the model so far (method dpo), with the keys of sft; null: none."""
+    rl: dict[str, Any] | None = None
+    """Reinforcement learning of the model so far (method grpo), with the keys of sft; null: none."""
+    eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
+    """What the eval stage measures."""
+    report: bool = True
+    """Write report/report.md: the trained stages' report cards side by side, with the stage times and figures."""
+    export: PipelineExportConfig = field(default_factory=PipelineExportConfig)
+    """What the export stage writes of the final model."""
+    out: str = "out/pipeline"
+    """The pipeline's folder: a sub-folder per stage, and pipeline.json with each stage's settings, seconds and
+    figures."""
+
+
+def pipeline_config_from_dict(values: Mapping[str, Any]) -> PipelineConfig:
+    """The PipelineConfig of a pipeline recipe's mapping: every key a field and every value of its field's type, or
+    a one-line error naming the key. The stage sections are checked as the pipeline resolves them."""
+    return _dataclass_from_dict(PipelineConfig, values, "")
+
+
+def finetune_config_from_dict(values: Mapping[str, Any], prefix: str = "") -> FinetuneConfig:
+    """The FinetuneConfig a mapping of its fields describes (a pipeline's fine-tuning section with its base and out
+    added), checked as a saved config is; the train keys it leaves out take finetune_train_defaults'."""
+    train = values.get("train", {}) if isinstance(values, Mapping) else None
+    if isinstance(train, Mapping):
+        values = {**values, "train": {**asdict(finetune_train_defaults()), **train}}
+    return _dataclass_from_dict(FinetuneConfig, values, prefix)
+
+
 def config_from_dict(values: Mapping[str, Any]) -> Config:
     """The Config that a saved, fully resolved dict describes (a run folder's config.yaml), checked as a recipe is.
 
@@ -444,11 +521,18 @@ def _dataclass_from_dict(cls: type, values: Any, prefix: str) -> Any:
     types_of = get_type_hints(cls)
     unknown = sorted(set(values) - set(types_of))
     if unknown:
-        raise TinylmError(f"unknown config key '{prefix}{unknown[0]}' (not a field of {cls.__name__})")
+        close = difflib.get_close_matches(unknown[0], list(types_of), n=1, cutoff=0.6)
+        hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+        raise TinylmError(f"unknown config key '{prefix}{unknown[0]}' (not a field of {cls.__name__}){hint}")
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in values]
+    if missing:
+        raise TinylmError(f"config key '{prefix}{missing[0]}' is missing: {cls.__name__} has no default for it")
     given = {}
     for name, value in values.items():
-        if is_dataclass(types_of[name]):
-            given[name] = _dataclass_from_dict(types_of[name], value, f"{prefix}{name}.")
+        section, optional = _without_none(types_of[name])
+        if is_dataclass(section) and not (optional and value is None):
+            given[name] = _dataclass_from_dict(section, value, f"{prefix}{name}.")
         else:
             given[name] = _typed(value, types_of[name], prefix + name)
     return cls(**given)
@@ -458,6 +542,8 @@ def _typed(value: Any, kind: Any, key: str) -> Any:
     """`value` if a field of type `kind` may hold it (an int where a float is wanted becomes a float: YAML reads
     `learning_rate: 1` as an int), else a one-line error naming the key."""
     origin, args = get_origin(kind), get_args(kind)
+    if kind is Any:
+        return value
     if origin in (Union, types.UnionType):
         for option in args:
             with contextlib.suppress(TinylmError):

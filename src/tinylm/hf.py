@@ -320,8 +320,14 @@ def hf_tokenizer(run: Pretrained):
         return transformers.AutoTokenizer.from_pretrained(str(run.path))
     backend = tokenizers_backend(run.text_tokenizer)
     end = backend.id_to_token(run.text_tokenizer.end_of_text)
+    # A fine-tune's chat template goes with it: transformers and llama.cpp then render a conversation as it learned.
+    template = run.tokenizer.template_text if run.has_chat_template else None
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=end, eos_token=end, clean_up_tokenization_spaces=False
+        tokenizer_object=backend,
+        bos_token=end,
+        eos_token=end,
+        clean_up_tokenization_spaces=False,
+        chat_template=template,
     )
 
 

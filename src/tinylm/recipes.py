@@ -10,9 +10,9 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from dataclasses import MISSING, fields, replace
+from dataclasses import MISSING, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
@@ -20,6 +20,9 @@ from tinylm.config import (
     Config,
     DataConfig,
     ModelConfig,
+    PipelineConfig,
+    PipelineEvalConfig,
+    PipelineExportConfig,
     SampleConfig,
     TaskConfig,
     TrainConfig,
@@ -187,7 +190,8 @@ def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
 
 
 def config_reference() -> str:
-    """docs/config.md: every key of every section with its type, default and meaning (`make docs` writes it)."""
+    """docs/config.md: every key of every section with its type, default and meaning (`make docs` writes it), then
+    the keys of a pipeline recipe (`tinylm pipeline`)."""
     lines = [
         "# Config reference",
         "",
@@ -196,14 +200,28 @@ def config_reference() -> str:
     ]
     for section, cls in SECTION_NAMES.items():
         lines += ["", f"## `{section}`", "", " ".join((cls.__doc__ or "").split()), ""]
-        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
-        helps = field_docs(cls)
-        for f in fields(cls):
-            default = f.default if f.default_factory is MISSING else f.default_factory()  # type: ignore[misc]
-            meaning = helps.get(f.name, "").replace("|", "\\|")
-            kind = str(f.type).replace("|", "or")
-            lines.append(f"| `{section}.{f.name}` | {kind} | `{default!r}` | {meaning} |")
+        lines += reference_table(cls, f"{section}.")
+    lines += ["", "## Pipeline recipes", "", " ".join((PipelineConfig.__doc__ or "").split()), ""]
+    lines += reference_table(PipelineConfig, "")
+    for section, cls in (("eval", PipelineEvalConfig), ("export", PipelineExportConfig)):
+        lines += ["", f"### Pipeline `{section}`", "", " ".join((cls.__doc__ or "").split()), ""]
+        lines += reference_table(cls, f"{section}.")
     return "\n".join(lines) + "\n"
+
+
+def reference_table(cls: type, prefix: str) -> list[str]:
+    """The markdown table of the fields of `cls`: key (with `prefix`), type, default, meaning."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    helps, hints = field_docs(cls), get_type_hints(cls)
+    for f in fields(cls):
+        default = f.default if f.default_factory is MISSING else f.default_factory()  # type: ignore[misc]
+        default_text = "required" if default is MISSING else f"`{default!r}`"
+        if is_dataclass(hints[f.name]):
+            default_text = "its keys below"
+        meaning = helps.get(f.name, "").replace("|", "\\|")
+        kind = str(f.type).replace("|", "or")
+        lines.append(f"| `{prefix}{f.name}` | {kind} | {default_text} | {meaning} |")
+    return lines
 
 
 def explain_parse_error(message: str, keys: list[str] | None = None) -> str:

@@ -231,8 +231,9 @@ def read_run(path: str | Path) -> RunRecord:
     return record
 
 
-def write_report(runs: list[str | Path], out: str | Path | None = None) -> Path:
-    """report.md and its plot for one run (into its folder, or `out`) or several side by side (into `out`)."""
+def write_report(runs: list[str | Path], out: str | Path | None = None, appendix: str = "") -> Path:
+    """report.md and its plot for one run (into its folder, or `out`) or several side by side (into `out`), with the
+    markdown `appendix` at the end (a pipeline's stage times and figures)."""
     if not runs:
         raise TinylmError("name at least one run folder")
     if len(runs) > 1 and out is None:
@@ -242,7 +243,7 @@ def write_report(runs: list[str | Path], out: str | Path | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     plotted = plot_losses(records, folder / LOSS_FIGURE)
     text = single_report(records[0], plotted) if len(records) == 1 else joint_report(records, plotted)
-    write_atomically(folder / REPORT_FILE, text)
+    write_atomically(folder / REPORT_FILE, text + appendix)
     return folder / REPORT_FILE
 
 

@@ -6,7 +6,8 @@ prepared data holds) and `environment.json` (each training session's hardware an
 `finetune.yaml`, `finetune.json` and the adapter (or a merged run in `model/`). `tinylm eval` adds `eval.json`
 (benchmarks) and `stories.json` + `stories.md` (story quality) to either, and `tinylm report` adds `report.md` and its
 PNGs; an export is a Hugging Face folder
-(`config.json`) or a `.gguf` file.
+(`config.json`) or a `.gguf` file. A pipeline folder (`tinylm pipeline`) holds `pipeline.json` and one sub-folder per
+stage.
 
 Every file is written atomically (a temporary file beside it, fsynced, renamed over it), so a crash or a full disk
 leaves the old file or the new one, never half of one. A whole output (an import, an export) is built in a hidden
@@ -55,13 +56,15 @@ EVAL_RESULT_FILE = "eval.json"
 STORIES_RESULT_FILE = "stories.json"
 STORIES_REPORT_FILE = "stories.md"
 REPORT_FILE = "report.md"
+PIPELINE_FILE = "pipeline.json"
 
-OutputKind = Literal["run", "finetune", "hf", "gguf"]
+OutputKind = Literal["run", "finetune", "hf", "gguf", "pipeline"]
 KIND_NAMES: dict[OutputKind, str] = {
     "run": "tinylm run",
     "finetune": "tinylm fine-tune",
     "hf": "Hugging Face model folder",
     "gguf": "GGUF file",
+    "pipeline": "tinylm pipeline",
 }
 GGUF_MAGIC = b"GGUF"
 
@@ -75,8 +78,8 @@ def output_kind(path: Path) -> OutputKind | None:
     Anything else is refused: a folder or file that none of tinylm's writers could have left raises a one-line
     TinylmError, so that no caller can mistake it for something it may replace. A kind is recognised by content, not
     by a file name alone (a project folder with an unrelated config.yaml is not a run): a `config.yaml` mapping with a
-    `model` section, a `finetune.yaml` mapping with a `base`, a `config.json` mapping with a `model_type`, a file that
-    starts with the GGUF magic.
+    `model` section, a `finetune.yaml` mapping with a `base`, a `config.json` mapping with a `model_type`, a
+    `pipeline.json` mapping with `stages`, a file that starts with the GGUF magic.
     """
     path = Path(path)
     if path.is_dir():
@@ -88,6 +91,8 @@ def output_kind(path: Path) -> OutputKind | None:
             return "run"
         if _mapping_with(path / HF_CONFIG_FILE, "model_type"):
             return "hf"
+        if _mapping_with(path / PIPELINE_FILE, "stages"):
+            return "pipeline"
     elif path.is_file():
         with open(path, "rb") as file:
             if file.read(len(GGUF_MAGIC)) == GGUF_MAGIC:
@@ -95,7 +100,7 @@ def output_kind(path: Path) -> OutputKind | None:
     elif not path.exists() and not path.is_symlink():
         return None
     raise TinylmError(
-        f"{path} is not tinylm output (a run, a fine-tune, a Hugging Face folder or a GGUF file), "
+        f"{path} is not tinylm output (a run, a fine-tune, a Hugging Face folder, a GGUF file or a pipeline), "
         "and tinylm never replaces what it did not write"
     )
 
@@ -190,11 +195,20 @@ def staged_output(
     out = Path(out).expanduser()
     remove_stale_staging(out.parent, out.name)  # first: a killed replacement may have left the old output aside
     check_output(out, kind, overwrite, inputs, option)
+    with staged(out, folder=kind != "gguf") as staging:
+        yield staging
+
+
+@contextmanager
+def staged(out: Path, folder: bool = True) -> Iterator[Path]:
+    """staged_output without the claim, for a path its caller owns (a pipeline stage's folder): a staging folder (or
+    file path) beside `out` that replaces it when the block ends normally, and is removed on any exception."""
+    out = Path(out).expanduser()
     staging = staging_path(out, "tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove(staging)  # left by a killed process that had the same id
-        if kind != "gguf":
+        if folder:
             staging.mkdir()
         yield staging
         replace_output(staging, out)

@@ -7,6 +7,10 @@ A file (.jsonl, one object per line, or .json, a list of objects) holds examples
 An Alpaca example is read as a two-message chat: the user says the instruction (and, after a blank line, the input),
 the assistant answers the output. So both forms take one path from here on.
 
+`tinystories-chat` is an instruction set derived from TinyStories (`story_chats`): each training story becomes a
+request for it, made from the story alone ("Tell me a short story with the words ...", or "Tell me a story that starts
+with: <its first sentence>"), answered by the story. It teaches a story model to tell stories on request.
+
 Each conversation is rendered with the tokenizer's own chat template, or DEFAULT_CHAT_TEMPLATE when it has none. The
 model learns only what the assistant says: every other token gets the label IGNORE (-100), which the loss skips.
 Rendering and encoding go piece by piece (prompt, response, prompt, response, ...), exactly as a chat is encoded when
@@ -15,17 +19,21 @@ the model answers: the prompt is encoded on its own and the reply's tokens follo
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import random
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 
+from tinylm.config import DataConfig
+from tinylm.data.documents import open_source
 from tinylm.data.sources import SOURCES, fetch
 from tinylm.errors import TinylmError
 
@@ -113,20 +121,23 @@ def checked_messages(messages: object, where: str) -> Messages:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+STORY_CHAT_SETS = {"tinystories-chat": "tinystories"}
+"""Instruction sets derived from a story dataset (`story_chats`), by name: `NAME` or `NAME:SUBSET` (a subset of the
+stories, e.g. tinystories-chat:head10k, what the offline mirror holds)."""
+
+
 def load_instructions(spec: str, held_out_examples: int, max_examples: int | None = None) -> InstructionData:
-    """The examples of a registry dataset (gsm8k, alpaca) or a local file, split into train and held out."""
-    if spec in SOURCES:
-        dataset = SOURCES[spec]
-        paths = [fetch(dataset.folder, remote) for remote in dataset.files]
+    """The examples of a registry dataset (gsm8k, alpaca), a derived story set (tinystories-chat) or a local file,
+    split into train and held out."""
+    check_instruction_data(spec)
+    name, _, subset = spec.partition(":")
+    if name in STORY_CHAT_SETS:
+        stories = open_source(DataConfig(source=STORY_CHAT_SETS[name], subset=subset or None))
+        examples = story_chats(itertools.islice(stories.split_documents("train"), max_examples))
     else:
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise TinylmError(
-                f"instruction data not found: {spec}; give a .jsonl/.json file or a dataset name "
-                f"({', '.join(name for name, s in SOURCES.items() if s.instructions)})"
-            )
-        paths = [path]
-    examples = [example for path in paths for example in read_examples(path)][:max_examples]
+        dataset = SOURCES.get(spec)
+        paths = [fetch(dataset.folder, remote) for remote in dataset.files] if dataset else [Path(spec).expanduser()]
+        examples = [example for path in paths for example in read_examples(path)][:max_examples]
     return InstructionData(*split_held_out(examples, held_out_examples, spec))
 
 
@@ -140,6 +151,53 @@ def split_held_out(examples: list[Example], held_out_examples: int, spec: str) -
         )
     held = {len(examples) * i // held_out_examples for i in range(held_out_examples)}
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def check_instruction_data(spec: str) -> None:
+    """Refuse, in one line, instruction data that is neither a dataset name nor a file, before any work."""
+    if spec in SOURCES or spec.partition(":")[0] in STORY_CHAT_SETS or Path(spec).expanduser().is_file():
+        return
+    names = [name for name, source in SOURCES.items() if source.instructions] + [
+        f"{n}[:SUBSET]" for n in STORY_CHAT_SETS
+    ]
+    raise TinylmError(
+        f"instruction data not found: {spec}; give a .jsonl/.json file or a dataset name ({', '.join(names)})"
+    )
+
+
+# Words too common to make a story's request its own: the picked words should say what the story is about.
+COMMON_WORDS = frozenset(
+    "the and was were with said that this there then they them their she "  # noqa: SIM905 (reads as text)
+    "her his him for you your but had have has one day not are very what when who all can could would "
+    "will too out saw did from into just like some time upon once little big lot got get went come came "
+    "see look looked want wanted play played always because after before again other others each every "
+    "made make how our its also than about back".split()
+)
+STORY_WORDS = 3
+"""Words of the story a "with the words" request names."""
+
+
+def story_chats(stories: Iterable[str]) -> list[Messages]:
+    """Each story as a conversation: a request for it (`story_request`), answered by the story itself."""
+    chats = []
+    for story in stories:
+        story = story.strip()
+        chats.append([{"role": "user", "content": story_request(story)}, {"role": "assistant", "content": story}])
+    return chats
+
+
+def story_request(story: str) -> str:
+    """A request that `story` answers, picked from the story alone, so that it is the same on every machine: half the
+    stories (by their hash) are asked for with three of their less common words, the rest by their first sentence."""
+    digest = hashlib.sha256(story.encode()).digest()
+    words = re.findall(r"[A-Za-z'\u2019]+", story)  # a word with an apostrophe (don't, Lily's) is never picked
+    found = dict.fromkeys(w for w in words if w.isalpha() and len(w) >= 3 and w.lower() not in COMMON_WORDS)
+    if digest[0] % 2 and len(found) >= STORY_WORDS:
+        *first, last = random.Random(digest).sample(sorted(found), STORY_WORDS)
+        return f"Tell me a short story with the words {', '.join(first)} and {last}."
+    sentence = re.match(r"\s*(.+?[.!?])(?=\s|$)", story, re.S)
+    opening = " ".join((sentence[1] if sentence else story).split())
+    return f"Tell me a story that starts with: {opening}"
 
 
 def final_answer(text: str) -> str | None:
