@@ -33,7 +33,7 @@ def test_the_cpu_recipe_shrunk_runs_every_stage_then_skips_them(needs_mirror, tm
     assert code == 0, err
     record = json.loads((out / PIPELINE_FILE).read_text())
     assert list(record["stages"]) == STAGES
-    assert all(stage["done"] and stage["seconds"] > 0 for stage in record["stages"].values())
+    assert all(stage["done"] and stage["seconds"] >= 0 for stage in record["stages"].values())  # a cached one: 0.0
     for stage in STAGES:
         assert f"\n{stage} " in printed  # the time table
     assert output_kind(out / "pretrain") == "run" and output_kind(out / "sft") == "finetune"
