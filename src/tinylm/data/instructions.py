@@ -42,6 +42,8 @@ DEFAULT_CHAT_TEMPLATE = (
 
 FINAL_ANSWER = re.compile(r"####\s*([^\n]+?)\s*$")
 """GSM8K's convention: a worked answer ends with a line `#### 42`, the final answer to check."""
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+"""A number as worked answers write one: 72, 1,200, 0.25, -3."""
 
 Messages = list[dict[str, str]]
 Render = Callable[[Messages, bool], str]
@@ -118,6 +120,8 @@ def load_instructions(spec: str, held_out_examples: int, max_examples: int | Non
             )
         paths = [path]
     examples = [example for path in paths for example in read_examples(path)][:max_examples]
+    if spec in SOURCES and SOURCES[spec].restore_final_answers:
+        examples = [with_final_answer(example) for example in examples]
     if len(examples) <= held_out_examples:
         raise TinylmError(
             f"{spec} has {len(examples)} examples, not more than the {held_out_examples} held out; "
@@ -142,6 +146,19 @@ def final_answer(text: str) -> str | None:
     except ValueError:
         return answer
     return str(int(number)) if number.is_integer() else str(number)
+
+
+def with_final_answer(messages: Messages) -> Messages:
+    """The conversation with a `#### N` line closing its response, as the original GSM8K has: N is the first number
+    after the response's last `=` (without one, its last number). Against the original's lines this gives the same
+    value for 98.9% of GSM8K's train set (the rest are mostly units: 25 cents written $0.25)."""
+    response = messages[-1]["content"]
+    equals = response.rfind("=")
+    numbers = NUMBER.findall(response[equals + 1 :] if equals >= 0 else response)
+    if final_answer(response) is not None or not numbers:
+        return messages
+    number = numbers[0] if equals >= 0 else numbers[-1]
+    return [*messages[:-1], {**messages[-1], "content": f"{response}\n#### {number.replace(',', '')}"}]
 
 
 def encode_conversation(messages: Messages, render: Render, encode: Encode) -> tuple[list[int], list[int]]:
@@ -205,27 +222,33 @@ class TokenizedExamples:
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, labels), each (len(indices), longest row); shorter rows are padded on the right with IGNORE labels,
         so a causal model's real tokens never see the padding."""
-        rows = [self.rows[i] for i in indices]
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        for row, (row_ids, row_labels) in enumerate(rows):
-            ids[row, : len(row_ids)] = torch.tensor(row_ids)
-            labels[row, : len(row_labels)] = torch.tensor(row_labels)
-        return ids, labels
-
-    def epoch_order(self, seed: int, epoch: int) -> list[int]:
-        """A shuffle of the rows that depends only on (seed, epoch), so a resumed run draws the same batches."""
-        order = list(range(len(self.rows)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        return padded_batch([self.rows[i] for i in indices], self.pad_id)
 
     def training_batch(
         self, step: int, batch_size: int, seed: int, rows: slice = slice(None)
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`rows` of the batch of optimizer step `step`: consecutive rows of a reshuffled pass over the data per
         epoch."""
-        n = len(self.rows)
         positions = range(step * batch_size, (step + 1) * batch_size)[rows]
-        orders = {epoch: self.epoch_order(seed, epoch) for epoch in {p // n for p in positions}}
-        return self.batch([orders[p // n][p % n] for p in positions])
+        return self.batch(shuffled_positions(len(self.rows), positions, seed))
+
+
+def padded_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, labels) rows as two (rows, longest row) tensors, padded on the right with `pad_id` and IGNORE."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for row, (row_ids, row_labels) in enumerate(rows):
+        ids[row, : len(row_ids)] = torch.tensor(row_ids)
+        labels[row, : len(row_labels)] = torch.tensor(row_labels)
+    return ids, labels
+
+
+def shuffled_positions(count: int, positions: range, seed: int) -> list[int]:
+    """The item at each of `positions` of passes over `count` items laid end to end, each pass (epoch) a shuffle that
+    depends only on (seed, epoch), so a resumed run draws the same items."""
+    orders = {}
+    for epoch in {p // count for p in positions}:
+        orders[epoch] = list(range(count))
+        random.Random(seed * 1_000_003 + epoch).shuffle(orders[epoch])
+    return [orders[p // count][p % count] for p in positions]

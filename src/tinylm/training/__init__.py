@@ -4,10 +4,11 @@ from tinylm.config import Config, FinetuneConfig
 from tinylm.errors import TinylmError
 from tinylm.training.engine import TrainResult, run_task
 from tinylm.training.tasks.copy import CopyTraining
+from tinylm.training.tasks.grpo import GRPO
 from tinylm.training.tasks.pretrain import Pretraining
 from tinylm.training.tasks.sft import FinetuneResult, InstructionTuning
 
-FINETUNE_TASKS = {"sft": InstructionTuning}
+FINETUNE_TASKS = {"sft": InstructionTuning, "grpo": GRPO}
 """The task of each fine-tuning --method."""
 
 
@@ -20,7 +21,8 @@ def train(config: Config, overwrite: bool = False, resume: bool = False) -> Trai
 
 
 def finetune(config: FinetuneConfig, overwrite: bool = False, resume: bool = False) -> FinetuneResult:
-    """Fine-tune `config.base` on `config.data` by `config.method` and write `config.out` (see tasks/sft.py)."""
+    """Fine-tune `config.base` on `config.data` by `config.method` and write `config.out` (see tasks/sft.py,
+    tasks/grpo.py)."""
     if config.method not in FINETUNE_TASKS:
         raise TinylmError(f"--method {config.method} is not available; choose one of {', '.join(FINETUNE_TASKS)}")
     result = run_task(FINETUNE_TASKS[config.method](config, resume), overwrite, resume)
