@@ -17,7 +17,15 @@ from safetensors.torch import load_file
 
 import tinylm
 from tinylm.config import FinetuneConfig, finetune_train_defaults
-from tinylm.data.instructions import IGNORE, TokenizedExamples, as_messages, encode_conversation, load_instructions
+from tinylm.data.instructions import (
+    IGNORE,
+    TokenizedExamples,
+    as_messages,
+    encode_conversation,
+    final_answer,
+    load_instructions,
+    with_final_answer,
+)
 from tinylm.errors import TinylmError
 from tinylm.pretrained import HuggingFaceChatTokenizer, HuggingFaceLM, load_pretrained
 from tinylm.tokenizers import END_OF_TEXT
@@ -272,8 +280,23 @@ def test_gsm8k_resolves_through_the_registry_with_a_fixed_held_out_split(needs_m
     data = load_instructions("gsm8k", held_out_examples=50)
     assert len(data.train) + len(data.held_out) == 7473 and len(data.held_out) == 50
     assert data.held_out == load_instructions("gsm8k", held_out_examples=50).held_out
+    # The copy lost GSM8K's `#### N` lines; they are put back (the original's first answer is 72).
+    assert data.held_out[0][-1]["content"].endswith("72 clips altogether in April and May.\n#### 72")
+    assert sum(final_answer(m[-1]["content"]) is None for m in data.train + data.held_out) == 4
     assert data.held_out[0][0]["content"].startswith("Natalia sold clips")
     assert [m["role"] for m in data.train[0]] == ["user", "assistant"]
+
+
+def test_a_lost_final_answer_line_is_put_back_from_the_last_result():
+    def restored(response: str) -> list[dict]:
+        return with_final_answer([{"role": "user", "content": "?"}, {"role": "assistant", "content": response}])
+
+    assert restored("48/2 = 24 in May.\nSo 48+24 = 72 clips in all.")[-1]["content"].endswith("all.\n#### 72")
+    assert final_answer(restored("He pays 3 x $1,200 = $3,600 a year.")[-1]["content"]) == "3600"
+    assert final_answer(restored("It takes 120/24 = 5 hours to read 120 pages.")[-1]["content"]) == "5"
+    assert final_answer(restored("No sums here, only 4 apples and 7 pears.")[-1]["content"]) == "7"
+    assert restored("Nothing to count.")[-1]["content"] == "Nothing to count."
+    assert restored("7 = 7\n#### 8")[-1]["content"] == "7 = 7\n#### 8"
 
 
 def test_alpaca_offline_names_cache_and_mirror():
@@ -541,8 +564,6 @@ def test_a_key_fine_tuning_cannot_honour_is_refused_in_one_line(tiny_gpt2, capit
 
 
 def test_final_answers_are_read_as_values():
-    from tinylm.data.instructions import final_answer
-
     assert final_answer("so 3 * 400 = 1200.\n#### 1,200.") == final_answer("#### 1200") == "1200"
     assert final_answer("#### $18") == "18" and final_answer("#### 3.50") == "3.5"
     assert final_answer("#### APPLE") == "APPLE" and final_answer("no marked answer") is None

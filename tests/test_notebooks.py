@@ -44,7 +44,7 @@ SMALL_SETTINGS = {
     "03_finetune_lora.ipynb": (
         {
             "MAX_EXAMPLES": 24,
-            "HELD_OUT": 4,
+            "HELD_OUT": 2,
             "MAX_LENGTH": 96,
             "MAX_STEPS": 2,
             "BATCH_SIZE": 2,

@@ -407,6 +407,19 @@ class FinetuneConfig:
     """Examples held out (spread evenly through the data) to measure the loss before and after."""
     max_examples: int | None = None
     """Use only the first this many examples of the data (null: all)."""
+    samples_per_prompt: int = 4
+    """grpo: answers sampled to each question per step; each is rewarded against the mean of its group (at least 2,
+    and train.batch_size is this many times the questions of a step)."""
+    sample_temperature: float = 1.0
+    """grpo: softmax temperature of the sampled answers (1: the model's own distribution, on-policy)."""
+    max_answer_tokens: int = 256
+    """grpo: most tokens of a sampled or greedy held-out answer; the question keeps the last max_length minus this
+    many tokens of the prompt."""
+    reward: str | None = None
+    """grpo: the reward of an answer, `module:function` or `path/to/file.py:function`, called as
+    `function(prompt: str, completion: str, answer: str) -> float` with the last message before the response, the
+    sampled answer and the reference's final answer (null: 1.0 when the answer's final `#### ...` value equals the
+    reference's, else 0.0)."""
     train: TrainConfig = field(default_factory=finetune_train_defaults)
     """Steps, learning rate, batch and micro-batch size (gradient accumulation), precision, activation checkpointing,
     warm-up, evaluation and logging intervals, seed, device, threads."""

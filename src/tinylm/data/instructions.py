@@ -52,6 +52,8 @@ DEFAULT_CHAT_TEMPLATE = (
 
 FINAL_ANSWER = re.compile(r"####\s*([^\n]+?)\s*$")
 """GSM8K's convention: a worked answer ends with a line `#### 42`, the final answer to check."""
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+"""A number as worked answers write one: 72, 1,200, 0.25, -3."""
 
 Messages = list[dict[str, str]]
 Render = Callable[[Messages, bool], str]
@@ -138,6 +140,8 @@ def load_instructions(spec: str, held_out_examples: int, max_examples: int | Non
         dataset = SOURCES.get(spec)
         paths = [fetch(dataset.folder, remote) for remote in dataset.files] if dataset else [Path(spec).expanduser()]
         examples = [example for path in paths for example in read_examples(path)][:max_examples]
+        if dataset and dataset.restore_final_answers:
+            examples = [with_final_answer(example) for example in examples]
     return InstructionData(*split_held_out(examples, held_out_examples, spec))
 
 
@@ -214,6 +218,19 @@ def final_answer(text: str) -> str | None:
     return str(int(number)) if number.is_integer() else str(number)
 
 
+def with_final_answer(messages: Messages) -> Messages:
+    """The conversation with a `#### N` line closing its response, as the original GSM8K has: N is the first number
+    after the response's last `=` (without one, its last number). Against the original's lines this gives the same
+    value for 98.9% of GSM8K's train set (the rest are mostly units: 25 cents written $0.25)."""
+    response = messages[-1]["content"]
+    equals = response.rfind("=")
+    numbers = NUMBER.findall(response[equals + 1 :] if equals >= 0 else response)
+    if final_answer(response) is not None or not numbers:
+        return messages
+    number = numbers[0] if equals >= 0 else numbers[-1]
+    return [*messages[:-1], {**messages[-1], "content": f"{response}\n#### {number.replace(',', '')}"}]
+
+
 def encode_conversation(
     messages: Messages, render: Render, encode: Encode, last_turn_only: bool = False
 ) -> tuple[list[int], list[int]]:
@@ -270,21 +287,23 @@ class ShuffledRows(ABC):
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
         """The rows at `indices` as tensors whose first dimension is the row."""
 
-    def epoch_order(self, seed: int, epoch: int) -> list[int]:
-        """A shuffle of the rows that depends only on (seed, epoch), so a resumed run draws the same batches."""
-        order = list(range(len(self.rows)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        return order
-
     def training_batch(
         self, step: int, batch_size: int, seed: int, rows: slice = slice(None)
     ) -> tuple[torch.Tensor, ...]:
         """`rows` of the batch of optimizer step `step`: consecutive rows of a reshuffled pass over the data per
         epoch."""
-        n = len(self.rows)
         positions = range(step * batch_size, (step + 1) * batch_size)[rows]
-        orders = {epoch: self.epoch_order(seed, epoch) for epoch in {p // n for p in positions}}
-        return self.batch([orders[p // n][p % n] for p in positions])
+        return self.batch(shuffled_positions(len(self.rows), positions, seed))
+
+
+def shuffled_positions(count: int, positions: range, seed: int) -> list[int]:
+    """The item at each of `positions` of passes over `count` items laid end to end, each pass (epoch) a shuffle that
+    depends only on (seed, epoch), so a resumed run draws the same items."""
+    orders = {}
+    for epoch in {p // count for p in positions}:
+        orders[epoch] = list(range(count))
+        random.Random(seed * 1_000_003 + epoch).shuffle(orders[epoch])
+    return [orders[p // count][p % count] for p in positions]
 
 
 class TokenizedExamples(ShuffledRows):

@@ -49,6 +49,8 @@ class DatasetSource:
     """Named parts of the dataset, asked for with data.subset: e.g. the first lines that the offline mirror holds."""
     instructions: bool = False
     """An instruction set (Alpaca-form examples) for `tinylm finetune --data`, rather than text to pretrain on."""
+    restore_final_answers: bool = False
+    """An instruction set whose responses lost GSM8K's closing `#### N` line: it is put back (`with_final_answer`)."""
 
 
 GITHUB = "https://raw.githubusercontent.com"
@@ -207,6 +209,7 @@ SOURCES: dict[str, DatasetSource] = {
                 ),
             ),
             instructions=True,
+            restore_final_answers=True,
         ),
         DatasetSource(
             name="alpaca",

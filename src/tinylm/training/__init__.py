@@ -5,10 +5,11 @@ from tinylm.errors import TinylmError
 from tinylm.training.engine import TrainResult, run_task
 from tinylm.training.tasks.copy import CopyTraining
 from tinylm.training.tasks.dpo import PreferenceTuning
+from tinylm.training.tasks.grpo import GRPO
 from tinylm.training.tasks.pretrain import Pretraining
 from tinylm.training.tasks.sft import FinetuneResult, InstructionTuning
 
-FINETUNE_TASKS = {"sft": InstructionTuning, "dpo": PreferenceTuning}
+FINETUNE_TASKS = {"sft": InstructionTuning, "dpo": PreferenceTuning, "grpo": GRPO}
 """The task of each fine-tuning --method."""
 
 
@@ -21,8 +22,8 @@ def train(config: Config, overwrite: bool = False, resume: bool = False) -> Trai
 
 
 def finetune(config: FinetuneConfig, overwrite: bool = False, resume: bool = False) -> FinetuneResult:
-    """Fine-tune `config.base` on `config.data` by `config.method` and write `config.out` (see tasks/sft.py and
-    tasks/dpo.py)."""
+    """Fine-tune `config.base` on `config.data` by `config.method` and write `config.out` (see tasks/sft.py,
+    tasks/dpo.py and tasks/grpo.py)."""
     if config.method not in FINETUNE_TASKS:
         raise TinylmError(f"--method {config.method} is not available; choose one of {', '.join(FINETUNE_TASKS)}")
     result = run_task(FINETUNE_TASKS[config.method](config, resume), overwrite, resume)

@@ -89,7 +89,9 @@ class Task(ABC):
     `loss` sums -log sigmoid(beta * margin) over the pairs, the reference log-probabilities computed under
     torch.no_grad with the adapters disabled; `targets` counts the pairs; `evaluate` reports held-out preference
     accuracy and reward margins besides `val_loss`; `finish` writes the adapter. Distillation is pretraining whose
-    `loss` adds the KL divergence to a teacher's logits computed in inference mode.
+    `loss` adds the KL divergence to a teacher's logits computed in inference mode. Reinforcement learning
+    (tasks/grpo.py) samples its rows in `batch` with the model its `setup` returned, seeded from `generator`: the
+    engine trains on them as on any rows.
     """
 
     name: ClassVar[str]

@@ -136,7 +136,7 @@ class InstructionTuning(Task):
         """The held-out conversations whose response carries a final answer, for answer_accuracy."""
         tokenizer = self.base.tokenizer
         self.answered = answered_prompts(held_out, tokenizer, self.max_length)
-        longest = max((len(tokenizer.encode(response)) for _, _, response in self.answered), default=0)
+        longest = max((len(tokenizer.encode(question.reference)) for question in self.answered), default=0)
         self.answer_tokens = min(longest + ANSWER_MARGIN_TOKENS, self.max_length)
 
     def write_files(self, folder: Path) -> None:
@@ -166,12 +166,13 @@ class InstructionTuning(Task):
 
     def micro_batches(self, batch: Batch, size: int) -> list[Batch]:
         """Each micro-batch cut after its last labelled column (of every row, however the rows are grouped): a causal
-        model's loss on the tokens before does not depend on what follows them."""
+        model's loss on the tokens before does not depend on what follows them. Tensors after (ids, labels) hold one
+        value per row and stay whole."""
         cut = []
-        for ids, labels in super().micro_batches(batch, size):
+        for ids, labels, *per_row in super().micro_batches(batch, size):
             labelled = (labels != IGNORE).flatten(0, -2).any(dim=0).nonzero()
             width = int(labelled[-1]) + 1 if len(labelled) else 1
-            cut.append((ids[..., :width], labels[..., :width]))
+            cut.append((ids[..., :width], labels[..., :width], *per_row))
         return cut
 
     def targets(self, micro_batch: Batch) -> int:
@@ -184,36 +185,49 @@ class InstructionTuning(Task):
         """The mean loss per response token over every held-out example (each process takes every k-th)."""
         mine = list(range(self.processes.rank, len(self.held_out), self.processes.world_size))
         size = engine.micro_batch_size
-        batches = [self.held_out.batch(mine[first : first + size]) for first in range(0, len(mine), size)]
+        batches = [self.held_out_batch(mine[first : first + size]) for first in range(0, len(mine), size)]
         scores = {"val_loss": engine.mean_loss(batches)}
         if self.answered:
             scores["answer_accuracy"] = self.answer_accuracy(engine)
         return scores
 
-    @torch.no_grad()
+    def held_out_batch(self, indices: list[int]) -> Batch:
+        """The held-out examples `indices` as a batch `loss` takes."""
+        return self.held_out.batch(indices)
+
     def answer_accuracy(self, engine: Engine) -> float:
         """The share of held-out examples whose greedy response ends in the reference's final answer. Every process
         generates them all, in the same steps: sharded weights (FSDP) need every process in each forward pass."""
         sampling = SampleConfig(max_new_tokens=self.answer_tokens, temperature=0.0)
-        stop_ids, decode = self.base.tokenizer.stop_ids, self.base.tokenizer.decode
         size, correct = engine.micro_batch_size, 0
         for first in range(0, len(self.answered), size):
             chunk = self.answered[first : first + size]
-            responses: list[list[int]] = [[] for _ in chunk]
-            ended = [False] * len(chunk)
             with engine.autocast():
-                for step in generate_tokens(engine.model, [prompt for prompt, _, _ in chunk], sampling):
-                    for row, token in enumerate(step):
-                        if token is None or ended[row]:
-                            continue
-                        ended[row] = token.id in stop_ids
-                        if not ended[row]:
-                            responses[row].append(token.id)
-                    if all(ended) and self.processes.world_size == 1:  # alone, nothing to keep in step with
-                        break
-            correct += sum(final_answer(decode(ids)) == answer for ids, (_, answer, _) in zip(responses, chunk))
+                responses = self.responses(engine.model, [question.prompt_ids for question in chunk], sampling)
+            correct += sum(final_answer(self.response_text(ids)) == q.answer for ids, q in zip(responses, chunk))
         reshard(engine.model)
         return correct / len(self.answered)
+
+    def responses(self, model: nn.Module, prompts: list[list[int]], sampling: SampleConfig) -> list[list[int]]:
+        """The token ids `model` answers each prompt with: up to and with the token that ends its turn, or
+        sampling.max_new_tokens of them."""
+        stop_ids = self.base.tokenizer.stop_ids
+        responses: list[list[int]] = [[] for _ in prompts]
+        ended = [False] * len(prompts)
+        for step in generate_tokens(model, prompts, sampling):
+            for row, token in enumerate(step):
+                if token is not None and not ended[row]:
+                    responses[row].append(token.id)
+                    ended[row] = token.id in stop_ids
+            if all(ended) and self.processes.world_size == 1:  # alone, nothing to keep in step with
+                break
+        return responses
+
+    def response_text(self, response: list[int]) -> str:
+        """A response's text, without the token that ends its turn."""
+        tokenizer = self.base.tokenizer
+        ended = bool(response) and response[-1] in tokenizer.stop_ids
+        return tokenizer.decode(response[:-1] if ended else response)
 
     def finish(self, model: nn.Module, result: TrainResult) -> None:
         device = self.processes.device
@@ -253,17 +267,32 @@ ANSWER_MARGIN_TOKENS = 16
 """Greedy responses may run this many tokens past the longest reference response before they are cut."""
 
 
+@dataclass
+class AnsweredQuestion:
+    """A conversation whose last response carries a final answer to check."""
+
+    prompt_ids: list[int]
+    """The conversation up to that response, as the model reads it before answering."""
+    question: str
+    """The last message before the response."""
+    answer: str
+    """The reference response's final answer (`final_answer`)."""
+    reference: str
+    """The reference response."""
+
+
 def answered_prompts(
     conversations: list[Messages], tokenizer: ChatTokenizer, max_length: int
-) -> list[tuple[list[int], str, str]]:
-    """(prompt ids, final answer, reference response) of each conversation whose last response carries a final
-    answer; the prompt is the conversation up to that response, its last max_length tokens."""
+) -> list[AnsweredQuestion]:
+    """Each conversation whose last response carries a final answer, its prompt cut to the last max_length tokens."""
     found = []
     for messages in conversations:
         response = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
         answer = final_answer(response)
         if answer is not None:
-            found.append((tokenizer.prompt_ids(messages[:-1])[-max_length:], answer, response))
+            prompt_ids = tokenizer.prompt_ids(messages[:-1])[-max_length:]
+            question = messages[-2]["content"] if len(messages) > 1 else ""
+            found.append(AnsweredQuestion(prompt_ids, question, answer, response))
     return found
 
 
@@ -278,12 +307,23 @@ def check_finetune_config(config: FinetuneConfig) -> None:
         raise TinylmError("--merge cannot fold an adapter into 4/8-bit weights; drop --merge and load base + adapter")
     if not 0.0 <= config.lora_dropout < 1.0:
         raise TinylmError(f"--lora-dropout must be in [0, 1), not {config.lora_dropout}")
-    if config.method != "dpo" and config.dpo_beta != FinetuneConfig.dpo_beta:
-        raise TinylmError(f"--dpo-beta applies to --method dpo only; drop it for --method {config.method}")
+    defaults = FinetuneConfig(base=config.base, data=config.data)
+    for method, keys in METHOD_OPTIONS.items():
+        changed = [key for key in keys if getattr(config, key) != getattr(defaults, key)]
+        if config.method != method and changed:
+            option = f"--{changed[0].replace('_', '-')}"
+            raise TinylmError(f"{option} applies to --method {method} only; drop it or pass --method {method}")
     if config.method == "dpo" and config.dpo_beta <= 0:
         raise TinylmError(f"--dpo-beta must be above 0, not {config.dpo_beta}")
     if config.method == "dpo" and config.pack:
         raise TinylmError("--pack lays instruction examples end to end; --method dpo keeps a pair per row: drop --pack")
+
+
+METHOD_OPTIONS = {
+    "dpo": ("dpo_beta",),
+    "grpo": ("samples_per_prompt", "sample_temperature", "max_answer_tokens", "reward"),
+}
+"""The FinetuneConfig fields only one --method reads."""
 
 
 def check_same_fine_tune(out: Path, config: FinetuneConfig) -> None:
