@@ -239,8 +239,8 @@ class InstructionTuning(Task):
             "elapsed_s": result.elapsed_s,
             "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         }
-        for score in result.best:  # answer_accuracy, DPO's preference accuracy and rewards, ...
-            if score != "val_loss":
+        for score in result.best:  # answer_accuracy, DPO's accuracy and rewards (not GRPO's train_reward: no before)
+            if score != "val_loss" and score in result.start:
                 result.details[f"{score}_before"] = result.start[score]
                 result.details[f"{score}_after"] = result.best[score]
         if not result.is_main:
