@@ -61,7 +61,7 @@ def write_tasks(folder: Path, texts: list[str]) -> list[Path]:
             "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 32\n  do_sample: false\n"
             # the answer is the first word of the continuation (the story's last sentence runs on to its full stop)
             "filter_list:\n  - name: first_word\n    filter:\n      - function: regex\n"
-            "        regex_pattern: \"([A-Za-z']+)\"\n      - function: take_first\n"
+            '        regex_pattern: "([A-Za-z\']+)"\n      - function: take_first\n'
             "metric_list:\n  - metric: exact_match\n",
         ),
     }
