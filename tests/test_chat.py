@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import sys
 import time
 
@@ -125,6 +126,10 @@ def test_in_a_terminal_ctrl_c_stops_one_reply_and_ctrl_d_ends_the_session(tmp_pa
     pid, fd = pty.fork()
     if pid == 0:  # the child: tinylm chat, with the pseudo-terminal as its controlling terminal
         os.chdir(REPO)
+        # exec keeps an ignored or blocked SIGINT, and Python then installs no KeyboardInterrupt for Ctrl-C: a user's
+        # terminal delivers it, whatever an earlier test left in this process
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         os.execv(sys.executable, command)
     try:
         read_until(fd, ">>> ")
