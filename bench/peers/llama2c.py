@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from nanogpt import matmul_peak_flops
+from nanogpt import matmul_peak_flops, run_tinylm
 
 VOCAB_SIZE = 4096
 SHAPES = {
@@ -122,29 +122,6 @@ def llama2c_bits_per_byte(copy: Path, out: Path, held_out_bytes: int) -> float:
     return nats / math.log(2) / held_out_bytes
 
 
-def run_tinylm(recipe: str, workdir: Path, threads: int) -> dict:
-    out = workdir / "tinylm"
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", "tinylm", "train", recipe, "--out", str(out), "--sample.max_new_tokens", "0"]
-    began = time.perf_counter()
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-    wall_s = time.perf_counter() - began
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    scored = subprocess.run(
-        [sys.executable, "-m", "tinylm", "eval", str(out), "--json"],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return {
-        "recipe": f"tinylm {recipe}",
-        "wall_s": wall_s,
-        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records if "tokens_per_s" in r),
-        "val_bpb": json.loads(scored.stdout)["val"]["bpb"],
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkout", type=Path, required=True, help="A local clone of karpathy/llama2.c.")
@@ -169,7 +146,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         workdir = Path(scratch)
         copy, held_out_bytes = prepare_llama2c(args.checkout, workdir, args.recipe)
-        ours = run_tinylm(args.recipe, workdir, args.threads)
+        ours = run_tinylm(args.recipe, {}, workdir, f"tinylm {args.recipe}", args.threads)
         rows = [ours]
         for label in args.shapes:
             shape = SHAPES[label]

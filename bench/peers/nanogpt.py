@@ -139,7 +139,8 @@ def nanogpt_val_loss(copy: Path, val_bin: Path) -> float:
 
 
 def run_tinylm(recipe: str, overrides: dict, workdir: Path, label: str, threads: int) -> dict:
-    out = workdir / label
+    """`tinylm train RECIPE` with `overrides` (timed), then `tinylm eval` of its best weights on the whole val split."""
+    out = workdir / re.sub(r"\W+", "-", label)  # a folder name, whatever the label says
     settings = [part for key, value in overrides.items() for part in (f"--{key}", str(value))]
     command = [sys.executable, "-m", "tinylm", "train", recipe, "--out", str(out), "--sample.max_new_tokens", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -159,6 +160,7 @@ def run_tinylm(recipe: str, overrides: dict, workdir: Path, label: str, threads:
         "wall_s": wall_s,
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records if "tokens_per_s" in r),
         "val_loss_full": json.loads(scored.stdout)["val"]["loss"],
+        "val_bpb": json.loads(scored.stdout)["val"]["bpb"],
     }
 
 
