@@ -6,7 +6,8 @@ Checks, in order (each line has "check", "status" ok | skipped | failed, "second
   environment       the GPU, torch, CUDA, the dense bf16 peak MFU is measured against, package versions
   attention         which scaled_dot_product_attention kernels a bf16 training step at GPT-2's head shape runs
   gpt2_eager        gpt2-124m training tokens/s and MFU in bf16, the engine's own step (Engine.train_step)
-  gpt2_compiled     the same with train.compile (torch.compile), its compile time apart
+  gpt2_compiled     the same with train.compile (torch.compile), its compile time apart, and where the GPU's time
+                    goes (the share of wall time a kernel runs; matmul, attention, optimizer and other kernels' shares)
   fp16_scaler       a T4-like run (fp16 autocast + GradScaler, a small model) through tinylm.train: finite losses
   packed_documents  data.packing bos (attention kept inside each document by a mask): its kernels, tokens/s against
                     random windows at the same shape
@@ -168,12 +169,13 @@ def attention(bench: Bench) -> dict[str, Any]:
 
 
 def gpt2_eager(bench: Bench) -> dict[str, Any]:
-    return training_speed(bench, "gpt2_eager", {**_gpt2(bench), "train.compile": False})
+    return training_speed(bench, bench.engine("gpt2_eager", {**_gpt2(bench), "train.compile": False}))
 
 
 def gpt2_compiled(bench: Bench) -> dict[str, Any]:
     try:
-        return training_speed(bench, "gpt2_compiled", {**_gpt2(bench), "train.compile": True})
+        engine = bench.engine("gpt2_compiled", {**_gpt2(bench), "train.compile": True})
+        return training_speed(bench, engine) | ({"gpu_time": gpu_time(engine.train_step)} if bench.cuda else {})
     finally:
         torch._dynamo.reset()  # the compiled graphs hold on to the model's memory
 
@@ -311,9 +313,8 @@ def qlora(bench: Bench, bits: int | None = 4) -> dict[str, Any]:
 # --- measuring ------------------------------------------------------------------------------------------------------
 
 
-def training_speed(bench: Bench, name: str, settings: dict[str, Any]) -> dict[str, Any]:
+def training_speed(bench: Bench, engine: Engine) -> dict[str, Any]:
     """Tokens/s and MFU of the engine's training step, after warm-up steps (which compile, when it compiles)."""
-    engine = bench.engine(name, settings)
     speed = timed_steps(engine, bench.steps)
     return {
         "precision": engine.precision_name,
@@ -347,6 +348,36 @@ def timed_steps(engine: Engine, steps: tuple[int, int]) -> dict[str, Any]:
         "tokens_per_s": tokens / seconds,
         "last_loss": loss,
     }
+
+
+KERNEL_KINDS = {
+    "matmul": ("gemm", "nvjet", "cutlass", "xmma", "cublas"),
+    "attention": ("attention", "sdpa", "flash", "fmha"),
+    "optimizer": ("adam", "foreach", "multi_tensor"),
+}
+"""Kernel name fragments of each kind of GPU work; a kernel matching none is `other` (mostly fused elementwise work,
+norms and the loss)."""
+
+
+def gpu_time(step: Callable[[], Any], steps: int = 3) -> dict[str, Any]:
+    """Where `steps` calls of `step` spend the GPU's time: the share of wall time a kernel runs (the rest is the GPU
+    waiting on the CPU) and each kind of kernel's share of the kernels' time."""
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        began = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - began) * 1e6
+    kernels = [event for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(event.device_time for event in kernels)
+    shares = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
+    for event in kernels:
+        name = event.name.lower()
+        kind = next((kind for kind, marks in KERNEL_KINDS.items() if any(mark in name for mark in marks)), "other")
+        shares[kind] += event.device_time / busy_us
+    return {"busy_share": busy_us / wall_us, "kernel_shares": {kind: round(v, 4) for kind, v in shares.items()}}
 
 
 def attention_ops(step: Callable[[], Any]) -> dict[str, Any]:
