@@ -147,3 +147,30 @@ def test_continuation_logprobs_match_one_forward_pass_and_do_not_depend_on_batch
         assert greedy == bool((log_probs.argmax(-1) == targets).all())
     assert one_by_one[3] == (0.0, True)  # nothing to predict
     assert one_by_one[4][0] < 0  # 40 tokens, longer than the context: scored in windows
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_answers_to_one_context_read_it_once_and_score_as_each_pair_alone(positions):
+    from tinylm.evaluate import continuation_logprobs
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=16, positions=positions)
+    model = build_model(config).eval()
+    generator = torch.Generator().manual_seed(2)
+    question = torch.randint(0, 20, (6,), generator=generator).tolist()
+    # Answers of 1 to 10 tokens (the longest just fits: 6 + 10 - 1 = 15 positions), one the greedy continuation.
+    answers = [torch.randint(0, 20, (k,), generator=generator).tolist() for k in (1, 3, 10, 2)]
+    with torch.no_grad():
+        answers.append([int(model(torch.tensor([question]))[0][0, -1].argmax())])
+    pairs = [(question, answer) for answer in answers] + [([1, 2], [3, 4])]
+    shared = continuation_logprobs(model, pairs, batch_size=2)
+    alone = [continuation_logprobs(model, [pair], batch_size=1)[0] for pair in pairs]  # one pair: no sharing
+    assert [lp for lp, _ in shared] == pytest.approx([lp for lp, _ in alone], abs=1e-5)
+    assert [greedy for _, greedy in shared] == [greedy for _, greedy in alone]
+    assert shared[4][1] is True
+    calls = []
+    hook = model.token_embedding.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    continuation_logprobs(model, pairs[:5], batch_size=8)
+    hook.remove()
+    # The question once, then the answers' later tokens as one batch.
+    assert calls == [torch.Size([1, 6]), torch.Size([5, 9])]

@@ -177,6 +177,21 @@ def test_a_full_cache_refuses_more_and_a_reset_one_recomputes_the_same_logits():
     torch.testing.assert_close(again, full, atol=1e-5, rtol=1e-5)
 
 
+def test_a_repeated_cache_continues_one_context_several_ways_as_each_full_forward_does():
+    model = small_gpt(**LLAMA_STYLE).eval()
+    context, endings = torch.randint(0, 50, (1, 7)), torch.randint(0, 50, (3, 4))
+    cache = model.new_kv_cache(batch_size=1)
+    with torch.no_grad():
+        model(context, kv_cache=cache)
+        rows = cache.repeated(3)
+        continued, _ = model(endings, kv_cache=rows)
+        full, _ = model(torch.cat([context.expand(3, -1), endings], dim=1))
+    assert (rows.length, cache.length) == (11, 7)  # the copies grow; the one-row cache is left as it was
+    torch.testing.assert_close(continued, full[:, 7:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one-row cache"):
+        rows.repeated(2)
+
+
 def test_the_bigram_takes_a_cache_too():
     model = build_model(ModelConfig(arch="bigram", vocab_size=10, block_size=4))
     cache = model.new_kv_cache(batch_size=1)

@@ -116,18 +116,64 @@ def continuation_logprobs(
     context + 1 tokens; rows are batched longest first and padded on the right, which a causal model's real tokens
     never see, so no attention mask is needed. A continuation longer than the model's context is scored in windows of
     that many tokens, each read after the tokens before it.
+
+    Continuations of one context (a multiple-choice question's answers) that fit in the model's context with it are
+    scored from one pass over the context: its keys and values are cached once and each answer continues them.
     """
     context = model.config.block_size
+    results = [(0.0, True)] * len(pairs)
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for owner, (context_ids, continuation_ids) in enumerate(pairs):
+        if continuation_ids and len(context_ids) + len(continuation_ids) - 1 <= context:
+            by_context.setdefault(tuple(context_ids), []).append(owner)
+    shared = {key: owners for key, owners in by_context.items() if len(owners) > 1 and hasattr(model, "new_kv_cache")}
+    for context_ids, owners in shared.items():
+        answers = _shared_context_logprobs(model, list(context_ids), [pairs[o][1] for o in owners], batch_size)
+        for owner, answer in zip(owners, answers):
+            results[owner] = answer
+    done = {owner for owners in shared.values() for owner in owners}
     windows, owners = [], []
     for owner, (context_ids, continuation_ids) in enumerate(pairs):
         stream = context_ids + continuation_ids
         for start in range(len(context_ids), len(stream), context):  # none for an empty continuation: log 1 = 0
-            windows.append((stream[:start], stream[start : start + context]))
-            owners.append(owner)
-    results = [(0.0, True)] * len(pairs)
+            if owner not in done:
+                windows.append((stream[:start], stream[start : start + context]))
+                owners.append(owner)
     for owner, (logprob, greedy) in zip(owners, _window_logprobs(model, windows, batch_size)):
         total, all_greedy = results[owner]
         results[owner] = (total + logprob, all_greedy and greedy)
+    return results
+
+
+@torch.inference_mode()
+def _shared_context_logprobs(
+    model: nn.Module, context_ids: list[int], continuations: list[list[int]], batch_size: int
+) -> list[tuple[float, bool]]:
+    """continuation_logprobs of several continuations of one context, each fitting in the model's context with it:
+    the context is read once into a KV cache, which batch_size continuations at a time then extend."""
+    device = next(model.parameters()).device
+    cache = model.new_kv_cache(1)
+    last = model(torch.tensor([context_ids], device=device), kv_cache=cache)[0][0, -1]
+    first_log_probs = F.log_softmax(last.float(), dim=-1)  # predicts every continuation's first token
+    results = []
+    for first in range(0, len(continuations), batch_size):
+        chunk = continuations[first : first + batch_size]
+        width = max(len(ids) for ids in chunk) - 1
+        later = None
+        if width > 0:  # right-padded: a real token never sees the padding after it
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            for row, continuation in enumerate(chunk):
+                ids[row, : len(continuation) - 1] = torch.tensor(continuation[:-1])
+            later = model(ids.to(device), kv_cache=cache.repeated(len(chunk)))[0]
+        for row, continuation in enumerate(chunk):
+            total = first_log_probs[continuation[0]].item()
+            greedy = int(first_log_probs.argmax()) == continuation[0]
+            if len(continuation) > 1 and later is not None:
+                log_probs = F.log_softmax(later[row, : len(continuation) - 1].float(), dim=-1)
+                targets = torch.tensor(continuation[1:], device=device)
+                total += log_probs.gather(-1, targets[:, None]).sum().item()
+                greedy = greedy and bool((log_probs.argmax(-1) == targets).all())
+            results.append((total, greedy))
     return results
 
 

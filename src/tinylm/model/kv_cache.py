@@ -49,3 +49,14 @@ class KVCache:
         self.keys[layer, :, :, start : self.length] = keys
         self.values[layer, :, :, start : self.length] = values
         return self.keys[layer, :, :, : self.length], self.values[layer, :, :, : self.length]
+
+    def repeated(self, count: int) -> KVCache:
+        """A cache of `count` rows, each a copy of this one-row cache's positions so far: a context read once, then
+        continued `count` different ways."""
+        if self.keys.shape[1] != 1:
+            raise ValueError(f"only a one-row cache repeats; this one has {self.keys.shape[1]} rows")
+        copy = KVCache.__new__(KVCache)
+        copy.keys = self.keys.expand(-1, count, -1, -1, -1).clone()
+        copy.values = self.values.expand(-1, count, -1, -1, -1).clone()
+        copy.capacity, copy.length = self.capacity, self.length
+        return copy
