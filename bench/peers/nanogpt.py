@@ -11,7 +11,9 @@ same 90/10 split. Then, in the same run:
    seed, in <= 0.33x nanoGPT's wall time.
 2. speed at nanoGPT's exact CPU config (4 layers, 4 heads, width 128, context 64, 12 rows): training tokens/s of
    nanoGPT's `train.py` against `tinylm train` with the same shapes and schedule (median step time, evaluation steps
-   left out), each with the model FLOPs utilisation against this machine's measured fp32 matmul peak.
+   left out), each with the model FLOPs utilisation against this machine's measured fp32 matmul peak, and a profile
+   of tinylm's step there: the share of its wall time in matmuls, attention, the optimizer, other operators and
+   outside any operator.
 
     python bench/peers/nanogpt.py --checkout build/peers/nanoGPT [--seeds 1 2 3] [--threads 2]
 
@@ -164,6 +166,41 @@ def run_tinylm(recipe: str, overrides: dict, workdir: Path, label: str, threads:
     }
 
 
+OPERATOR_KINDS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::_addmm_activation"),
+    "attention": ("scaled_dot_product", "flash_attention"),
+    "optimizer": ("adam",),
+}
+"""Profiler operator names of each kind of work in a CPU training step; an operator matching none is `other`."""
+
+
+def step_profile(recipe: str, overrides: dict, workdir: Path, steps: int = 30) -> dict:
+    """Where one tinylm training step's wall time goes at `overrides`, in this process: each kind of operator's share
+    (self time), and the rest, outside any operator (Python, the autograd engine's bookkeeping, the data batch).
+    The profiler's own overhead inflates that rest a little."""
+    from tinylm.recipes import load_config
+    from tinylm.training.distributed import start_processes
+    from tinylm.training.engine import Engine
+    from tinylm.training.tasks.pretrain import Pretraining
+
+    settings = {**overrides, "out": str(workdir / "profiled")}
+    engine = Engine(Pretraining(load_config(recipe, settings)), start_processes("cpu"), overwrite=False, resume=False)
+    engine.model.train()
+    for _ in range(10):
+        engine.train_step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        began = time.perf_counter()
+        for _ in range(steps):
+            engine.train_step()
+        wall_us = (time.perf_counter() - began) * 1e6
+    shares = dict.fromkeys([*OPERATOR_KINDS, "other operators"], 0.0)
+    for event in profile.key_averages():
+        kind = next((k for k, marks in OPERATOR_KINDS.items() if any(m in event.key for m in marks)), None)
+        shares[kind or "other operators"] += event.self_cpu_time_total / wall_us
+    shares["outside operators"] = 1 - sum(shares.values())
+    return {"step_ms": wall_us / steps / 1e3, "shares": {kind: round(share, 3) for kind, share in shares.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkout", type=Path, required=True, help="A local clone of karpathy/nanoGPT.")
@@ -197,6 +234,7 @@ def main() -> None:
             args.recipe, TINYLM_AT_NANOGPT_CONFIG, workdir, "tinylm at nanoGPT's config", args.threads
         )
         rows += [nanogpt, same_config]
+        profiled = step_profile(args.recipe, TINYLM_AT_NANOGPT_CONFIG, workdir)
         for seed in args.seeds:
             rows.append(
                 run_tinylm(args.recipe, {"train.seed": seed}, workdir, f"{args.recipe} seed {seed}", args.threads)
@@ -216,7 +254,10 @@ def main() -> None:
         f"worst val loss {worst:.4f} (goal <= {TARGET_VAL_LOSS}); tokens/s at nanoGPT's config: "
         f"{same_config['tokens_per_s'] / nanogpt['tokens_per_s']:.2f}x nanoGPT's"
     )
-    print(json.dumps({"rows": rows, "matmul_peak_flops": peak, "time_ratio": ratio, "worst_val_loss": worst}))
+    shares = ", ".join(f"{kind} {share:.0%}" for kind, share in profiled["shares"].items())
+    print(f"tinylm's step at nanoGPT's config, profiled ({profiled['step_ms']:.1f} ms a step): {shares}")
+    report = {"rows": rows, "matmul_peak_flops": peak, "time_ratio": ratio, "worst_val_loss": worst}
+    print(json.dumps(report | {"profile": profiled}))
 
 
 if __name__ == "__main__":
