@@ -43,7 +43,7 @@ $(NODE_LLAMA_CPP)/.installed: Makefile
 
 test: $(VENV)/.installed-dev $(NODE_LLAMA_CPP)/.installed
 	$(BIN)/ruff check src tests bench
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests bench
