@@ -12,7 +12,7 @@ The same steps as commands:
     tinylm finetune --base out/example/base --data gsm8k --max-examples 2000 --max-length 128 --lora-r 16 \
         --train.max-steps 200 --train.learning-rate 3e-3 --out out/example/lora --merge
 
-A 1.3M-parameter story model does not learn arithmetic in three minutes: what it learns is the shape of an answer (the
+A 3.4M-parameter story model does not learn arithmetic in three minutes: what it learns is the shape of an answer (the
 held-out loss on GSM8K's answers falls by about a third). Point --base at a real model (smollm2-135m-instruct,
 distilgpt2, ...) for answers worth reading.
 """
