@@ -174,3 +174,20 @@ def test_answers_to_one_context_read_it_once_and_score_as_each_pair_alone(positi
     hook.remove()
     # The question once, then the answers' later tokens as one batch.
     assert calls == [torch.Size([1, 6]), torch.Size([5, 9])]
+
+
+def test_answers_to_one_context_score_the_same_through_a_hugging_face_model():
+    import transformers
+
+    from tinylm.evaluate import continuation_logprobs
+    from tinylm.pretrained import HuggingFaceLM
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=20, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    model = HuggingFaceLM(transformers.GPT2LMHeadModel(config)).eval()
+    question = [3, 1, 4, 1, 5]
+    pairs = [(question, answer) for answer in ([9], [2, 6, 5], [3, 5, 8, 9, 7, 9])]
+    shared = continuation_logprobs(model, pairs, batch_size=2)
+    alone = [continuation_logprobs(model, [pair], batch_size=1)[0] for pair in pairs]
+    assert [lp for lp, _ in shared] == pytest.approx([lp for lp, _ in alone], abs=1e-5)
+    assert [greedy for _, greedy in shared] == [greedy for _, greedy in alone]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -196,6 +197,13 @@ class HuggingFaceKVCache:
     @property
     def length(self) -> int:
         return self.cache.get_seq_length()
+
+    def repeated(self, count: int) -> HuggingFaceKVCache:
+        """A cache of `count` rows, each a copy of this one-row cache's positions so far (KVCache.repeated)."""
+        copy = HuggingFaceKVCache(self.capacity)
+        copy.cache = deepcopy(self.cache)
+        copy.cache.batch_repeat_interleave(count)
+        return copy
 
 
 class HuggingFaceLM(nn.Module):
