@@ -3,7 +3,8 @@ MMLU, GSM8K, ... or any task YAML of the user's own, scored the same way for eve
 
 `TinylmLM` is lm-eval's model interface on top of a `Run`:
 - `loglikelihood`: lm-eval's own tokenization of (context, continuation) pairs (TemplateLM), scored in right-padded
-  batches by `evaluate.continuation_logprobs`, exactly as lm-eval's `hf` model cuts and scores them;
+  batches by `evaluate.continuation_logprobs`, cut as lm-eval's `hf` model cuts them; the answers to one context
+  read it once (its KV cache repeated for each), which is what makes multiple-choice tasks faster than `hf`;
 - `loglikelihood_rolling`: lm-eval's disjoint windows of the model's context over a whole text, scored the same way;
 - `generate_until`: tinylm's batched, KV-cached sampling (`Run.stream_ids`), cut before the first `until` string.
 
