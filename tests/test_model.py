@@ -190,6 +190,7 @@ def test_a_repeated_cache_continues_one_context_several_ways_as_each_full_forwar
     torch.testing.assert_close(continued, full[:, 7:], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="one-row cache"):
         rows.repeated(2)
+    assert cache.repeated(2, capacity=9).keys.shape[3] == 9  # room for the continuations only
 
 
 def test_the_bigram_takes_a_cache_too():

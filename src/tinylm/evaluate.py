@@ -126,7 +126,8 @@ def continuation_logprobs(
     for owner, (context_ids, continuation_ids) in enumerate(pairs):
         if continuation_ids and len(context_ids) + len(continuation_ids) - 1 <= context:
             by_context.setdefault(tuple(context_ids), []).append(owner)
-    shared = {key: owners for key, owners in by_context.items() if len(owners) > 1 and hasattr(model, "new_kv_cache")}
+    caches = hasattr(model, "new_kv_cache")
+    shared = {key: owners for key, owners in by_context.items() if len(owners) > 1 and caches}
     for context_ids, owners in shared.items():
         answers = _shared_context_logprobs(model, list(context_ids), [pairs[o][1] for o in owners], batch_size)
         for owner, answer in zip(owners, answers):
@@ -134,11 +135,12 @@ def continuation_logprobs(
     done = {owner for owners in shared.values() for owner in owners}
     windows, owners = [], []
     for owner, (context_ids, continuation_ids) in enumerate(pairs):
+        if owner in done:
+            continue
         stream = context_ids + continuation_ids
         for start in range(len(context_ids), len(stream), context):  # none for an empty continuation: log 1 = 0
-            if owner not in done:
-                windows.append((stream[:start], stream[start : start + context]))
-                owners.append(owner)
+            windows.append((stream[:start], stream[start : start + context]))
+            owners.append(owner)
     for owner, (logprob, greedy) in zip(owners, _window_logprobs(model, windows, batch_size)):
         total, all_greedy = results[owner]
         results[owner] = (total + logprob, all_greedy and greedy)
@@ -155,6 +157,7 @@ def _shared_context_logprobs(
     cache = model.new_kv_cache(1)
     last = model(torch.tensor([context_ids], device=device), kv_cache=cache)[0][0, -1]
     first_log_probs = F.log_softmax(last.float(), dim=-1)  # predicts every continuation's first token
+    likeliest_first = int(first_log_probs.argmax())
     results = []
     for first in range(0, len(continuations), batch_size):
         chunk = continuations[first : first + batch_size]
@@ -164,10 +167,11 @@ def _shared_context_logprobs(
             ids = torch.zeros(len(chunk), width, dtype=torch.long)
             for row, continuation in enumerate(chunk):
                 ids[row, : len(continuation) - 1] = torch.tensor(continuation[:-1])
-            later = model(ids.to(device), kv_cache=cache.repeated(len(chunk)))[0]
+            rows = cache.repeated(len(chunk), capacity=len(context_ids) + width)
+            later = model(ids.to(device), kv_cache=rows)[0]
         for row, continuation in enumerate(chunk):
             total = first_log_probs[continuation[0]].item()
-            greedy = int(first_log_probs.argmax()) == continuation[0]
+            greedy = likeliest_first == continuation[0]
             if len(continuation) > 1 and later is not None:
                 log_probs = F.log_softmax(later[row, : len(continuation) - 1].float(), dim=-1)
                 targets = torch.tensor(continuation[1:], device=device)

@@ -198,9 +198,9 @@ class HuggingFaceKVCache:
     def length(self) -> int:
         return self.cache.get_seq_length()
 
-    def repeated(self, count: int) -> HuggingFaceKVCache:
+    def repeated(self, count: int, capacity: int | None = None) -> HuggingFaceKVCache:
         """A cache of `count` rows, each a copy of this one-row cache's positions so far (KVCache.repeated)."""
-        copy = HuggingFaceKVCache(self.capacity)
+        copy = HuggingFaceKVCache(capacity or self.capacity)
         copy.cache = deepcopy(self.cache)
         copy.cache.batch_repeat_interleave(count)
         return copy

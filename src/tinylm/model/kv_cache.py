@@ -50,13 +50,17 @@ class KVCache:
         self.values[layer, :, :, start : self.length] = values
         return self.keys[layer, :, :, : self.length], self.values[layer, :, :, : self.length]
 
-    def repeated(self, count: int) -> KVCache:
+    def repeated(self, count: int, capacity: int | None = None) -> KVCache:
         """A cache of `count` rows, each a copy of this one-row cache's positions so far: a context read once, then
-        continued `count` different ways."""
-        if self.keys.shape[1] != 1:
-            raise ValueError(f"only a one-row cache repeats; this one has {self.keys.shape[1]} rows")
-        copy = KVCache.__new__(KVCache)
-        copy.keys = self.keys.expand(-1, count, -1, -1, -1).clone()
-        copy.values = self.values.expand(-1, count, -1, -1, -1).clone()
-        copy.capacity, copy.length = self.capacity, self.length
+        continued `count` different ways. `capacity`: the positions it holds (default this cache's); a few more than
+        the context keep a long-context model's copies small."""
+        n_layer, rows, n_kv_head, _, head_dim = self.keys.shape
+        if rows != 1:
+            raise ValueError(f"only a one-row cache repeats; this one has {rows} rows")
+        copy = KVCache(
+            count, capacity or self.capacity, n_layer, n_kv_head, head_dim, self.keys.device, self.keys.dtype
+        )
+        copy.reserve(self.length)
+        copy.keys[:, :, :, : self.length] = self.keys[:, :, :, : self.length]
+        copy.values[:, :, :, : self.length] = self.values[:, :, :, : self.length]
         return copy
