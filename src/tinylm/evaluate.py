@@ -126,8 +126,9 @@ def continuation_logprobs(
     for owner, (context_ids, continuation_ids) in enumerate(pairs):
         if continuation_ids and len(context_ids) + len(continuation_ids) - 1 <= context:
             by_context.setdefault(tuple(context_ids), []).append(owner)
-    caches = hasattr(model, "new_kv_cache")
-    shared = {key: owners for key, owners in by_context.items() if len(owners) > 1 and caches}
+    shared = {key: owners for key, owners in by_context.items() if len(owners) > 1}
+    if not hasattr(model, "new_kv_cache"):  # a model without a KV cache scores every pair alone
+        shared = {}
     for context_ids, owners in shared.items():
         answers = _shared_context_logprobs(model, list(context_ids), [pairs[o][1] for o in owners], batch_size)
         for owner, answer in zip(owners, answers):
