@@ -1,5 +1,7 @@
 """Milliseconds per optimizer step on the default recipe's model: AdamW (foreach, fused), tinylm's Muon, torch's Muon.
 
+Muon's orthogonalisation is also timed alone in both forms of `orthogonalize` (plain and G-only, both fp32).
+
     python bench/optimizer_step.py [--recipe configs/shakespeare-char.yaml] [--rounds 3]
 
 Each round times every optimizer on the same gradients, one after another, so that drift in the machine's speed hits
@@ -16,7 +18,7 @@ import torch
 
 from tinylm.model import build_model
 from tinylm.recipes import load_config
-from tinylm.training.optim import Muon
+from tinylm.training.optim import Muon, orthogonalize
 
 
 def milliseconds(step, repeats: int = 100) -> float:
@@ -51,11 +53,18 @@ def main() -> None:
         "muon (hidden matrices)": Muon(matrices, lr=1e-9),
         "torch.optim.Muon (bf16)": torch.optim.Muon(matrices, lr=1e-9),
     }
-    timings: dict[str, list[float]] = {name: [] for name in ["forward+backward", *optimizers]}
+    # Muon's orthogonalisation alone, in the two forms of `orthogonalize`, on the same gradients.
+    iterations = {
+        f"orthogonalize, {name}": lambda only=gram_only: [orthogonalize(m.grad, gram_only=only) for m in matrices]
+        for name, gram_only in (("plain", False), ("G-only", True))
+    }
+    timings: dict[str, list[float]] = {name: [] for name in ["forward+backward", *optimizers, *iterations]}
     for _ in range(args.rounds):
         timings["forward+backward"].append(milliseconds(forward_backward, repeats=50))
         for name, optimizer in optimizers.items():
             timings[name].append(milliseconds(optimizer.step))
+        for name, iteration in iterations.items():
+            timings[name].append(milliseconds(iteration))
     print(
         f"{args.recipe}: {sum(p.numel() for p in params):,} parameters, batch {tuple(batch.shape)}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}"

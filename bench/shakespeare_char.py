@@ -37,6 +37,8 @@ NANOGPT_CPU = [
     "0.0",
     "--model.bias",
     "false",
+    "--train.optimizer",
+    "adamw",
     "--train.batch_size",
     "12",
     "--train.max_steps",

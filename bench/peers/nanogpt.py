@@ -62,6 +62,7 @@ TINYLM_AT_NANOGPT_CONFIG = {
     "model.n_embd": 128,
     "model.dropout": 0.0,
     "model.bias": "false",
+    "train.optimizer": "adamw",
     "train.batch_size": 12,
     "train.max_steps": 2000,
     "train.learning_rate": 1e-3,

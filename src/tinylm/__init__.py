@@ -1,7 +1,7 @@
 """tinylm: build, train, evaluate and sample from small language models.
 
 import tinylm
-config = tinylm.load_config("configs/shakespeare-char.yaml", {"train.max_steps": 500})
+config = tinylm.load_config("configs/shakespeare-char.yaml", {"train.max_steps": 200})
 result = tinylm.train(config)
 print(tinylm.load(result.run_dir).generate("ROMEO:", max_new_tokens=200))
 """
