@@ -52,7 +52,7 @@ class Muon(torch.optim.Optimizer):
 
     torch.optim.Muon runs its Newton-Schulz iteration in bf16 everywhere; most CPUs have no fast bf16 matmul, which
     made it slower there than the whole forward and backward pass. This one uses bf16 on GPUs and, elsewhere, an fp32
-    form of the same iteration that multiplies only small square matrices (`orthogonalize`).
+    form of the same iteration whose products are mostly of small square matrices (`orthogonalize`).
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0):
