@@ -72,6 +72,14 @@ def test_optimizer_memory_counts_the_states_the_optimizers_keep(optimizer):
     assert memory["weights"] == memory["gradients"] == 4 * count_parameters(model)["total"]
 
 
+def test_a_weight_average_costs_one_more_copy_of_the_weights():
+    config = ModelConfig(**SMALL, **LLAMA_STYLE)
+    plain = training_memory(config, 2, 16, "fp32", "muon")
+    averaged = training_memory(config, 2, 16, "fp32", "muon", weight_average=True)
+    assert "weight average" not in plain and averaged["weight average"] == plain["weights"]
+    assert averaged["total"] == plain["total"] + plain["weights"]
+
+
 @pytest.mark.parametrize("options", [{}, {**LLAMA_STYLE, "n_kv_head": 2}], ids=["gpt2", "llama"])
 def test_activation_estimate_is_close_to_what_autograd_saves(options):
     config = ModelConfig(vocab_size=500, block_size=64, n_layer=4, n_head=4, n_embd=64, **options)

@@ -63,6 +63,7 @@ def test_a_saved_config_that_cannot_be_a_config_gets_one_line_naming_the_key(val
         (Config(model=ModelConfig(positions="rope", n_embd=30, n_head=6)), "positions: rope needs an even head size"),
         (Config(train=TrainConfig(batch_size=12, micro_batch_size=5)), "must be a multiple of train.micro_batch_size"),
         (Config(train=TrainConfig(max_time="soon")), "train.max_time 'soon' is not a duration"),
+        (Config(train=TrainConfig(ema_decay=1.0)), r"train.ema_decay must be in \[0, 1\) \(0: no average\), not 1.0"),
         (Config(model=ModelConfig(arch="seq2seq", block_size=8)), r"at least task.max_length \+ 1 \(17\)"),
     ],
 )

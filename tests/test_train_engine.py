@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_overrides
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import tinylm
@@ -121,6 +122,28 @@ def test_on_nan_skip_goes_back_to_the_last_checkpoint_and_continues(text_file, t
     assert steps == [5, 10, 15, 20]  # the records of the abandoned steps are not kept twice
     for tensor in load_file(result.run_dir / "model.safetensors").values():
         assert torch.isfinite(tensor).all()
+
+
+def test_ema_evaluates_keeps_and_checkpoints_the_moving_average_of_the_weights(text_file, tmp_path):
+    decay, steps = 0.8, 6
+    every_step = {"train.eval_interval": 1, "train.keep_checkpoints": steps, "train.max_steps": steps}
+    result = train_tiny(text_file, tmp_path / "run", **every_step, **{"train.ema_decay": decay})
+    trained = [load_file(result.run_dir / f"checkpoints/step-{n:07d}/model.safetensors") for n in range(1, steps + 1)]
+    averages = [trained[0]]
+    for weights in trained[1:]:
+        averages.append({name: decay * averages[-1][name] + (1 - decay) * w for name, w in weights.items()})
+
+    saved = load_checkpoint(latest_checkpoint(result.run_dir)).trainer_state["averaged_weights"]
+    for name, tensor in averages[-1].items():
+        torch.testing.assert_close(saved[name], tensor, rtol=0, atol=1e-6)
+    with safe_open(result.run_dir / "model.safetensors", "pt") as best_file:
+        best_step = json.loads(best_file.metadata()["step"])
+        best = {name: best_file.get_tensor(name) for name in best_file.keys()}  # noqa: SIM118 (safe_open is no dict)
+    for name, tensor in best.items():  # the best weights are the average at their step, not the trained weights
+        torch.testing.assert_close(tensor, averages[best_step - 1][name], rtol=0, atol=1e-6)
+    assert best_step == 1 or any(not torch.equal(best[n], trained[best_step - 1][n]) for n in best)
+    evaluated = {r["step"]: r["val_loss"] for r in records(result.run_dir, "val_loss")}
+    assert evaluated[best_step] == min(evaluated.values())
 
 
 def test_a_crash_while_checkpointing_leaves_only_whole_checkpoints(text_file, tmp_path, monkeypatch):

@@ -61,8 +61,10 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_a_run_killed_at_any_step_resumes_bitwise_identical(text_file, tmp_path):
-    # Dropout on, so that the RNG state matters too.
+    # Dropout on, so that the RNG state matters too; a weight average, which the checkpoint must carry; one thread
+    # in both processes, as the killed one's OMP_NUM_THREADS says (sums over other threads round otherwise).
     overrides = {"model.dropout": 0.1, "train.log_interval": 1, "train.eval_interval": 5, "train.keep_checkpoints": 2}
+    overrides |= {"train.ema_decay": 0.9, "train.threads": 1}
     reference = tinylm.train(tinylm.load_config(None, tiny_overrides(text_file, tmp_path / "reference", **overrides)))
 
     killed = tmp_path / "killed"
@@ -81,8 +83,10 @@ def test_a_run_killed_at_any_step_resumes_bitwise_identical(text_file, tmp_path)
 
 
 def test_torchrun_ddp_then_fsdp_resumed_trains_what_one_process_trains(text_file, tmp_path):
-    # A constant learning rate after warm-up, so that a run of 4 steps resumed to 8 has the schedule of 8 steps.
+    # A constant learning rate after warm-up, so that a run of 4 steps resumed to 8 has the schedule of 8 steps; a
+    # weight average, which FSDP must take over from DDP's checkpoint sharded.
     overrides = {"train.log_interval": 1, "train.eval_interval": 4, "train.max_steps": 8, "train.min_lr_ratio": 1.0}
+    overrides["train.ema_decay"] = 0.5
     single = tinylm.train(tinylm.load_config(None, tiny_overrides(text_file, tmp_path / "single", **overrides)))
 
     shared = tmp_path / "shared"

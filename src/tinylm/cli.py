@@ -564,7 +564,9 @@ def run_info(args) -> int:
             f"{args.model} takes its vocabulary from the tokenizer; give --vocab-size (e.g. 65 for Tiny Shakespeare "
             "characters, 50257 for gpt2)"
         )
-    budget = model_budget(config.model, config.train.batch_size, args.precision, config.train.optimizer)
+    budget = model_budget(
+        config.model, config.train.batch_size, args.precision, config.train.optimizer, config.train.ema_decay > 0
+    )
     dial = depth_dial(config) if config.model.depth is not None else None
     if args.json:
         print(json.dumps({**budget.to_dict(), **({"depth_dial": dial} if dial else {})}))

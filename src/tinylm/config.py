@@ -188,6 +188,10 @@ class TrainConfig:
     """AdamW beta1."""
     beta2: float = 0.99
     """AdamW beta2."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the trained weights, updated after every step as average = ema_decay *
+    average + (1 - ema_decay) * weights from the first step's weights on: evaluations, the best weights and every
+    export are the average's (0: off; 0.99 remembers about the last 100 steps). Costs one more copy of the weights."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 turns clipping off (the norm is logged either way)."""
     compile: bool | None = None
@@ -663,6 +667,8 @@ def check_config(config: Config) -> None:
             f"train.batch_size ({train.batch_size}) must be a multiple of train.micro_batch_size "
             f"({train.micro_batch_size}), the micro-batches accumulated into one step"
         )
+    if not 0.0 <= train.ema_decay < 1.0:
+        raise TinylmError(f"train.ema_decay must be in [0, 1) (0: no average), not {train.ema_decay}")
     if not 0.0 < train.decay_fraction <= 1.0:
         raise TinylmError(f"train.decay_fraction must be in (0, 1], not {train.decay_fraction}")
     if train.max_time is not None:

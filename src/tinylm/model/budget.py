@@ -39,7 +39,8 @@ class ModelBudget:
     precision: str
     optimizer: str
     memory_bytes: dict[str, int]
-    """Training memory: weights, gradients, optimizer, activations and their total."""
+    """Training memory: weights, gradients, optimizer, activations, the weight average (train.ema_decay) if kept, and
+    their total."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,9 +122,15 @@ def activation_elements_per_token(config: ModelConfig) -> int:
 
 
 def training_memory(
-    config: ModelConfig, batch_size: int, block_size: int, precision: Precision, optimizer: Literal["adamw", "muon"]
+    config: ModelConfig,
+    batch_size: int,
+    block_size: int,
+    precision: Precision,
+    optimizer: Literal["adamw", "muon"],
+    weight_average: bool = False,
 ) -> dict[str, int]:
-    """Bytes for one training step of `batch_size` sequences of `block_size` tokens."""
+    """Bytes for one training step of `batch_size` sequences of `block_size` tokens (with `weight_average`, the
+    moving average train.ema_decay keeps)."""
     counts = parameter_counts(config)
     parameters = counts["total"]
     if optimizer == "adamw":
@@ -141,6 +148,8 @@ def training_memory(
         "optimizer": optimizer_bytes,
         "activations": activations,
     }
+    if weight_average:
+        memory["weight average"] = FP32 * parameters
     return {**memory, "total": sum(memory.values())}
 
 
@@ -149,6 +158,7 @@ def model_budget(
     batch_size: int,
     precision: Precision = "bf16",
     optimizer: Literal["adamw", "muon"] = "adamw",
+    weight_average: bool = False,
 ) -> ModelBudget:
     """Everything above for one model, trained on batches of `batch_size` full contexts (model.block_size tokens)."""
     counts = parameter_counts(config)
@@ -165,7 +175,7 @@ def model_budget(
         block_size=config.block_size,
         precision=precision,
         optimizer=optimizer,
-        memory_bytes=training_memory(config, batch_size, config.block_size, precision, optimizer),
+        memory_bytes=training_memory(config, batch_size, config.block_size, precision, optimizer, weight_average),
     )
 
 

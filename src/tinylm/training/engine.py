@@ -3,8 +3,9 @@
 A `Task` says what is specific to one kind of training: how it builds its model and data, what a batch is, its loss,
 how it evaluates and what it writes. The engine owns everything else, the same way for every task: device, precision
 and autocast, micro-batches and gradient accumulation, DDP/FSDP under torchrun, compile, activation checkpointing,
-clipping, the NaN guard, learning-rate schedules, the evaluation cadence, best weights and checkpoints, exact resume,
-Ctrl-C and SIGTERM, `max_time`, `patience`, the progress bar, metrics.jsonl, loss.png, TensorBoard/W&B and MFU.
+clipping, the NaN guard, learning-rate schedules, a moving average of the weights, the evaluation cadence, best
+weights and checkpoints, exact resume, Ctrl-C and SIGTERM, `max_time`, `patience`, the progress bar, metrics.jsonl,
+loss.png, TensorBoard/W&B and MFU.
 Every `train.*` key means the same for every task; a key a task cannot honour is refused (`Task.refused`).
 
 One step: each process takes its rows of the step's batch (`Task.batch`) and cuts them into micro-batches; each runs
@@ -297,6 +298,8 @@ class Engine:
         self.whole_on_cpu = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         self.optimizers = build_optimizers(model, t, device.type)
         self.schedulers = build_schedulers(self.optimizers, t)
+        self.averaged: list[torch.Tensor] | None = None
+        """The moving average of `trainable` (train.ema_decay), from the first step on."""
 
         self.step = 0
         self.batches_drawn = 0
@@ -481,7 +484,36 @@ class Engine:
             scheduler.step()
         self.scaler.update()
         self.model.zero_grad(set_to_none=True)
+        self._update_average()
         return loss_value, norm_value, self.task.tokens(batch) * self.processes.world_size
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        decay = self.task.train.ema_decay
+        if not decay:
+            return
+        weights = [p.detach() for p in self.trainable]
+        if self.averaged is None:
+            self.averaged = [w.clone() for w in weights]
+        else:
+            torch._foreach_lerp_(self.averaged, weights, 1.0 - decay)
+
+    @contextlib.contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """Inside the block the model holds the moving average of its weights (train.ema_decay), if there is one."""
+        if self.averaged is None:
+            yield
+            return
+        trained = [p.detach().clone() for p in self.trainable]
+        with torch.no_grad():
+            for parameter, average in zip(self.trainable, self.averaged):
+                parameter.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for parameter, weights in zip(self.trainable, trained):
+                    parameter.copy_(weights)
 
     def _clip_gradients(self) -> torch.Tensor:
         gradients = [p.grad for p in self.trainable if p.grad is not None]
@@ -557,21 +589,24 @@ class Engine:
     def _evaluate_and_checkpoint(self) -> str | None:
         """Evaluate, keep the best weights, save a checkpoint; the reason to stop early, if there is one."""
         began = time.perf_counter()
-        scores = self.task.evaluate(self)
-        improved = self.task.better(scores, self.best)
+        with self.averaged_weights():
+            scores = self.task.evaluate(self)
+            improved = self.task.better(scores, self.best)
+            if improved:
+                weights = get_model_state_dict(self.model, options=self.whole_on_cpu)
+                if self.processes.is_main:
+                    path = self.out / self.task.best_weights_file
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    write_weights(weights, path, tied_names(self.model), {"step": self.step, **scores})
         self.evals_without_improvement = 0 if improved else self.evals_without_improvement + 1
         if improved:
             self.best = scores
-            weights = get_model_state_dict(self.model, options=self.whole_on_cpu)
-            if self.processes.is_main:
-                path = self.out / self.task.best_weights_file
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_weights(weights, path, tied_names(self.model), {"step": self.step, **scores})
         self.elapsed_s = self.elapsed_before + time.perf_counter() - self.start
         self.save_checkpoint()
         self.tracker.log({"step": self.step, **scores, "elapsed_s": self.elapsed_s})
         self.tracker.plot_losses()
-        sample = self._sample()
+        with self.averaged_weights():
+            sample = self._sample()
         if sample is not None:
             self.tracker.text("sample", sample, self.step)
             self._write_sample(f"step {self.step}", sample)
@@ -603,6 +638,10 @@ class Engine:
             return latest_checkpoint(self.out)
         self.saved_step = self.step
         weights = get_model_state_dict(self.model, options=self.whole_on_cpu)
+        averaged = None
+        if self.averaged is not None:
+            with self.averaged_weights():  # copied: on CPU the state dict's tensors are the parameters themselves
+                averaged = _copied(get_model_state_dict(self.model, options=self.whole_on_cpu))
         optimizers = [get_optimizer_state_dict(self.model, o, options=self.whole_on_cpu) for o in self.optimizers]
         rng = self.processes.gather(_rng_state(self.device))
         if not self.processes.is_main:
@@ -613,6 +652,7 @@ class Engine:
             "scaler": self.scaler.state_dict(),
             "rng": rng,
             "batch_rng": self.batch_generator.get_state(),
+            "averaged_weights": averaged,
         }
         info = {
             "best": self.best,
@@ -630,7 +670,12 @@ class Engine:
         """Put the model, optimizers, schedule, scaler, RNGs, data position and counters back as `checkpoint` saved
         them."""
         weights, state, info = checkpoint.weights, checkpoint.trainer_state, checkpoint.info
+        averaged = state.get("averaged_weights") if self.task.train.ema_decay else None
+        self.averaged = None  # a checkpoint without an average (ema_decay was 0) starts one at the next step
         try:
+            if averaged is not None:  # through the model, which shards it as FSDP shards the weights
+                set_model_state_dict(self.model, averaged, options=self.whole)
+                self.averaged = [p.detach().clone() for p in self.trainable]
             set_model_state_dict(self.model, weights, options=self.whole)
         except (RuntimeError, KeyError, ValueError) as error:  # torch's words for tensors of other names or shapes
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -724,6 +769,15 @@ def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _copied(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of `weights` in which tensors that were one (tied matrices) stay one."""
+    copies: dict[tuple[int, torch.Size], torch.Tensor] = {}
+    for tensor in weights.values():
+        copies.setdefault((tensor.data_ptr(), tensor.shape), tensor)
+    copies = {key: tensor.clone() for key, tensor in copies.items()}
+    return {name: copies[tensor.data_ptr(), tensor.shape] for name, tensor in weights.items()}
 
 
 def _scores_text(scores: dict[str, float]) -> str:
