@@ -125,13 +125,14 @@ def test_on_nan_skip_goes_back_to_the_last_checkpoint_and_continues(text_file, t
 
 
 def test_ema_evaluates_keeps_and_checkpoints_the_moving_average_of_the_weights(text_file, tmp_path):
-    decay, steps = 0.8, 6
+    decay, steps = 0.3, 6  # (1 + step) / (10 + step) is the smaller until step 4
     every_step = {"train.eval_interval": 1, "train.keep_checkpoints": steps, "train.max_steps": steps}
     result = train_tiny(text_file, tmp_path / "run", **every_step, **{"train.ema_decay": decay})
     trained = [load_file(result.run_dir / f"checkpoints/step-{n:07d}/model.safetensors") for n in range(1, steps + 1)]
     averages = [trained[0]]
-    for weights in trained[1:]:
-        averages.append({name: decay * averages[-1][name] + (1 - decay) * w for name, w in weights.items()})
+    for step, weights in enumerate(trained[1:], start=1):
+        d = min(decay, (1 + step) / (10 + step))
+        averages.append({name: d * averages[-1][name] + (1 - d) * w for name, w in weights.items()})
 
     saved = load_checkpoint(latest_checkpoint(result.run_dir)).trainer_state["averaged_weights"]
     for name, tensor in averages[-1].items():

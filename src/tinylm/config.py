@@ -189,9 +189,9 @@ class TrainConfig:
     beta2: float = 0.99
     """AdamW beta2."""
     ema_decay: float = 0.0
-    """Keep an exponential moving average of the trained weights, updated after every step as average = ema_decay *
-    average + (1 - ema_decay) * weights from the first step's weights on: evaluations, the best weights and every
-    export are the average's (0: off; 0.99 remembers about the last 100 steps). Costs one more copy of the weights."""
+    """Keep an exponential moving average of the trained weights, updated after every step as average = d * average +
+    (1 - d) * weights, d = min(ema_decay, (1 + step) / (10 + step)): evaluations, the best weights and every export
+    are the average's (0: off; 0.99 remembers about the last 100 steps). Costs one more copy of the weights."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 turns clipping off (the norm is logged either way)."""
     compile: bool | None = None

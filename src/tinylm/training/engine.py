@@ -495,8 +495,8 @@ class Engine:
         weights = [p.detach() for p in self.trainable]
         if self.averaged is None:
             self.averaged = [w.clone() for w in weights]
-        else:
-            torch._foreach_lerp_(self.averaged, weights, 1.0 - decay)
+        else:  # a shorter memory early on, so that the average soon forgets the random start
+            torch._foreach_lerp_(self.averaged, weights, 1.0 - ema_decay(decay, self.step))
 
     @contextlib.contextmanager
     def averaged_weights(self) -> Iterator[None]:
@@ -769,6 +769,12 @@ def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def ema_decay(decay: float, step: int) -> float:
+    """The decay of the weight average's update after `step` steps: train.ema_decay, or less while (1 + step) /
+    (10 + step) is (TensorFlow's ExponentialMovingAverage with num_updates)."""
+    return min(decay, (1 + step) / (10 + step))
 
 
 def _copied(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
