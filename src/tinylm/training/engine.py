@@ -20,6 +20,7 @@ its first files are staged and renamed into place, and only then does an old run
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import math
@@ -496,7 +497,7 @@ class Engine:
         if self.averaged is None:
             self.averaged = [w.clone() for w in weights]
         else:  # a shorter memory early on, so that the average soon forgets the random start
-            torch._foreach_lerp_(self.averaged, weights, 1.0 - ema_decay(decay, self.step))
+            torch._foreach_lerp_(self.averaged, weights, 1.0 - _ema_decay(decay, self.step))
 
     @contextlib.contextmanager
     def averaged_weights(self) -> Iterator[None]:
@@ -640,8 +641,8 @@ class Engine:
         weights = get_model_state_dict(self.model, options=self.whole_on_cpu)
         averaged = None
         if self.averaged is not None:
-            with self.averaged_weights():  # copied: on CPU the state dict's tensors are the parameters themselves
-                averaged = _copied(get_model_state_dict(self.model, options=self.whole_on_cpu))
+            with self.averaged_weights():  # a copy (tied matrices stay one): on CPU these are the parameters
+                averaged = copy.deepcopy(get_model_state_dict(self.model, options=self.whole_on_cpu))
         optimizers = [get_optimizer_state_dict(self.model, o, options=self.whole_on_cpu) for o in self.optimizers]
         rng = self.processes.gather(_rng_state(self.device))
         if not self.processes.is_main:
@@ -771,19 +772,10 @@ def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def ema_decay(decay: float, step: int) -> float:
+def _ema_decay(decay: float, step: int) -> float:
     """The decay of the weight average's update after `step` steps: train.ema_decay, or less while (1 + step) /
     (10 + step) is (TensorFlow's ExponentialMovingAverage with num_updates)."""
     return min(decay, (1 + step) / (10 + step))
-
-
-def _copied(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A copy of `weights` in which tensors that were one (tied matrices) stay one."""
-    copies: dict[tuple[int, torch.Size], torch.Tensor] = {}
-    for tensor in weights.values():
-        copies.setdefault((tensor.data_ptr(), tensor.shape), tensor)
-    copies = {key: tensor.clone() for key, tensor in copies.items()}
-    return {name: copies[tensor.data_ptr(), tensor.shape] for name, tensor in weights.items()}
 
 
 def _scores_text(scores: dict[str, float]) -> str:
