@@ -183,7 +183,8 @@ class TrainConfig:
     warmup_steps: int = 100
     """Steps of linear warm-up from zero."""
     weight_decay: float = 0.1
-    """AdamW weight decay, applied to weight matrices and embeddings (as nanoGPT does), not to biases or norm gains."""
+    """Weight decay, applied to weight matrices and embeddings (as nanoGPT does), not to biases or norm gains; with
+    Muon its matrices shrink by muon_lr x weight_decay a step."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.99
